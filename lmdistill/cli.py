@@ -1,0 +1,52 @@
+"""The `lmdistill` command. Each subcommand lives in `lmdistill.commands.<name>` as a thin layer over a
+library function; this module only wires them together and turns user errors into one clean line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from lmdistill import __version__
+from lmdistill.errors import UserError
+
+# Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`, which adds
+# its parser and sets `func(args) -> int`. Heavy imports (torch, transformers) happen inside `func`, so
+# `lmdistill --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmdistill",
+        description=(
+            "Distill a large language model (the teacher) into a smaller one (the student), "
+            "and measure what the student kept."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"lmdistill {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"lmdistill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmdistill {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
