@@ -1,5 +1,19 @@
 import os
+import sys
+from pathlib import Path
+
+import pytest
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide Llama with a byte-level BPE tokenizer and a ChatML template, saved as an
+    HF model dir (loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained)."""
+    from tiny import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-lm"))

@@ -86,7 +86,9 @@ class Teacher(ABC):
 
     def require(self, capability: Capability, purpose: str) -> None:
         if not self.can(capability):
-            have = ", ".join(c.name.lower() for c in Capability if c in self.capabilities) or "nothing"
+            have = (
+                ", ".join(c.name.lower() for c in Capability if c in self.capabilities) or "nothing"
+            )
             raise UserError(
                 f"teacher '{self.name}' cannot give {capability.name.lower()} (needed for {purpose}); "
                 f"it gives: {have}"

@@ -1,0 +1,85 @@
+"""Tiny models and tokenizers built from configs in milliseconds, offline, for unit tests.
+
+The tokenizer is a byte-level BPE trained on a few sentences, so it can encode any text, with a
+ChatML chat template like SmolLM2's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+_CORPUS = [
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "What is 2 + 3? The answer is 5. What is 7 * 6? The answer is 42.",
+    "A teacher model distills knowledge into a smaller student model.",
+    "user assistant system: explain photosynthesis in one sentence, please.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000 Hello world! How are you today?",
+]
+
+
+def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model_dir(path: Path, **model_kwargs: int) -> Path:
+    """A complete HF model dir (weights, config, tokenizer with chat template, generation config)."""
+    tokenizer = make_tokenizer()
+    model = make_tiny_model(tokenizer, **model_kwargs)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
