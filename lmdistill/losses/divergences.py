@@ -83,7 +83,7 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """sum(a * b, -1) for (N, V) inputs without materializing the product: a batched dot."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
 
@@ -122,6 +122,7 @@ def soft_term_and_grad(
     beta: float = 0.5,
     skew: float = 0.1,
     need_grad: bool = True,
+    floor: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-position divergence (N,) and its gradient (N, V) with respect to the student's tempered
     logits z (where log_q = log_softmax(z)).
@@ -131,12 +132,16 @@ def soft_term_and_grad(
 
     Derivation: with g = dD/dq, the softmax Jacobian gives dD/dz = q * (g - sum(q * g)).
     For forward KL that simplifies to q - p.
+
+    `floor=False` skips flooring the log-probs at LOG_FLOOR: safe (and two passes cheaper) when no
+    input is -inf, e.g. log-probs of logits computed by a matmul.
     """
-    log_q.clamp_(min=LOG_FLOOR)
-    log_p.clamp_(min=LOG_FLOOR)
+    if floor:
+        log_q.clamp_(min=LOG_FLOOR)
+        log_p.clamp_(min=LOG_FLOOR)
     if divergence == "forward_kl":
         p = log_p.exp()
-        value = _rowdot(p, log_p) - _rowdot(p, log_q)
+        value = rowdot(p, log_p) - rowdot(p, log_q)
         if not need_grad:
             return value, None
         return value, log_q.exp_().sub_(p)  # q - p
@@ -144,7 +149,7 @@ def soft_term_and_grad(
     if divergence == "reverse_kl":
         d = log_p.neg_().add_(log_q)  # log q - log p, in log_p's storage
         q = log_q.exp_()
-        value = _rowdot(q, d)
+        value = rowdot(q, d)
         if not need_grad:
             return value, None
         return value, d.sub_(value.unsqueeze(-1)).mul_(q)  # q * (d - KL)
@@ -152,12 +157,12 @@ def soft_term_and_grad(
     if divergence == "jsd":
         log_m = _log_mix(log_p, log_q, beta)
         p = log_p.exp()
-        value = beta * (_rowdot(p, log_p) - _rowdot(p, log_m))
+        value = beta * (rowdot(p, log_p) - rowdot(p, log_m))
         del p
         # g = dD/dq = (1 - beta) (log q - log m): the terms from m's dependence on q cancel.
         g = log_m.neg_().add_(log_q)  # log q - log m
         q = log_q.exp_()
-        value = value + (1 - beta) * _rowdot(q, g)
+        value = value + (1 - beta) * rowdot(q, g)
         if not need_grad:
             return value, None
         g.mul_(1 - beta)
@@ -166,7 +171,7 @@ def soft_term_and_grad(
     if divergence == "skew_forward_kl":
         log_m = _log_mix(log_p, log_q, skew)
         p = log_p.exp()
-        value = _rowdot(p, log_p) - _rowdot(p, log_m)
+        value = rowdot(p, log_p) - rowdot(p, log_m)
         if not need_grad:
             return value, None
         # g = -(1 - skew) p / m
@@ -178,7 +183,7 @@ def soft_term_and_grad(
         log_m = _log_mix(log_q, log_p, skew)
         d = log_m.neg_().add_(log_q)  # log q - log m
         q = log_q.exp_()
-        value = _rowdot(q, d)
+        value = rowdot(q, d)
         if not need_grad:
             return value, None
         # g = log q + 1 - log m - skew q / m; the constant 1 cancels in the softmax backward.
@@ -200,4 +205,4 @@ def soft_term_and_grad(
 
 def _softmax_backward(q: Tensor, g: Tensor) -> Tensor:
     """dD/dz = q * (g - sum(q * g)) for z -> q = softmax(z); writes into g's storage."""
-    return g.sub_(_rowdot(q, g).unsqueeze(-1)).mul_(q)
+    return g.sub_(rowdot(q, g).unsqueeze(-1)).mul_(q)

@@ -33,17 +33,31 @@ from lmdistill.losses.distill import (
     denominator,
     sparse_teacher_log_probs,
 )
-from lmdistill.losses.divergences import LossConfigError, soft_term_and_grad
+from lmdistill.losses.divergences import LossConfigError, rowdot, soft_term_and_grad
 
-# Elements of one chunk's (rows, V) logits. About 8 live (rows, V) float32 tensors exist at the peak
-# of a chunk (student and teacher logits, log-probs, the gradient), so 2**22 elements keep the
-# working set near 128 MiB whatever the vocabulary; measured in bench/loss_memory.py.
-DEFAULT_CHUNK_ELEMENTS = 2**22
+# Elements of one (rows, V) workspace buffer. Four such buffers are reused across chunks (allocated
+# once per call: a fresh large allocation costs page faults every time, ~2.5x the work of the op that
+# fills it on CPU), so the working set is 4 * 2**24 * 4 bytes = 256 MiB in float32 for vocabularies
+# up to 64k. Below MIN_CHUNK_ROWS rows the LM-head matmuls lose efficiency (measured on 2 CPU cores:
+# 128 rows ~70%, 256 ~80%, 512+ ~95% of the large-matrix FLOP rate), so large vocabularies get
+# MIN_CHUNK_ROWS rows and a larger workspace (1 GiB at V=262k). See bench/loss_memory.py.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+MIN_CHUNK_ROWS = 256
 
 
 def default_chunk_size(vocab: int) -> int:
-    """Rows per chunk for a vocabulary size: ~DEFAULT_CHUNK_ELEMENTS logits, at least 16 rows."""
-    return max(16, DEFAULT_CHUNK_ELEMENTS // vocab)
+    """Rows per chunk for a vocabulary size: ~DEFAULT_CHUNK_ELEMENTS logits, at least 256 rows."""
+    return max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // vocab)
+
+
+class _Workspace:
+    """Four (rows, V) buffers in the compute dtype, reused by every chunk of one call."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(4)]
+
+    def take(self, rows: int) -> list[Tensor]:
+        return [b[:rows] for b in self.buffers]
 
 
 def rows_loss_and_grad(
@@ -51,39 +65,52 @@ def rows_loss_and_grad(
     log_p: Tensor,
     labels: Tensor,
     s: DistillSettings,
+    scratch: tuple[Tensor, Tensor],
     *,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Sum over rows of alpha * T^2 * D + (1 - alpha) * CE, and its gradient w.r.t. the student's
     logits s = T * z.
 
-    z (C, V) are the student's tempered logits s / T and log_p (C, V) the teacher's log-probs at T,
-    both in the compute dtype; both are CONSUMED (overwritten in place). labels (C,) int64.
-    Returns (sum (), grad (C, V) or None). Written to touch each (C, V) element as few times as
-    possible: at this size the elementwise passes, not the FLOPs, are what costs.
+    z (C, V): the student's tempered logits s / T; log_p (C, V): the teacher's log-probs at T;
+    scratch: two free (C, V) buffers. All four are overwritten. labels (C,) int64.
+    Returns (sum (), grad (C, V) or None); grad lives in one of the given buffers. Written to touch
+    each (C, V) element as few times as possible: after the matmuls, elementwise passes and
+    allocations are what cost.
     """
     total = z.new_zeros(())
-    grad: Tensor | None = None
-    log_q = torch.log_softmax(z, dim=-1) if s.alpha > 0 else None
-    hard_log_probs: Tensor | None = None
+    log_q = torch.log_softmax(z, dim=-1, out=scratch[0]) if s.alpha > 0 else None
+    hard: Tensor | None = None
     if s.alpha < 1:
-        # The hard term is cross-entropy at T = 1: log_softmax(T * z), z reused in place.
+        # Cross-entropy at T = 1 from log_softmax(T * z); z is not needed after this.
         s_logits = z if s.temperature == 1 else z.mul_(s.temperature)
-        hard_log_probs = torch.log_softmax(s_logits, dim=-1)
-        total = total - (1 - s.alpha) * hard_log_probs.gather(1, labels.unsqueeze(1)).sum()
+        hard = torch.log_softmax(s_logits, dim=-1, out=scratch[1])
+        total -= (1 - s.alpha) * hard.gather(1, labels.unsqueeze(1)).sum()
+    grad: Tensor | None = None
     if log_q is not None:
-        soft, dz = soft_term_and_grad(
-            log_q, log_p, s.divergence, beta=s.beta, skew=s.skew, need_grad=need_grad
-        )
-        total = total + s.alpha * s.temperature**2 * soft.sum()
+        if s.divergence == "forward_kl":
+            # The common case, inline: z's storage holds p, dz = q - p lands in log_q's.
+            p = torch.exp(log_p, out=z)
+            soft = rowdot(p, log_p) - rowdot(p, log_q)
+            dz = log_q.exp_().sub_(p) if need_grad else None
+        else:
+            soft, dz = soft_term_and_grad(
+                log_q,
+                log_p,
+                s.divergence,
+                beta=s.beta,
+                skew=s.skew,
+                need_grad=need_grad,
+                floor=False,
+            )
+        total += s.alpha * s.temperature**2 * soft.sum()
         if dz is not None:
-            # d/ds = T^2 * d/dz * (1 / T) for z = s / T.
-            grad = dz.mul_(s.alpha * s.temperature)
-    if need_grad and hard_log_probs is not None:
-        # d CE / ds = softmax(s) - onehot(label), built in place.
-        hard = hard_log_probs.exp_()
-        hard.scatter_add_(1, labels.unsqueeze(1), hard.new_full((hard.shape[0], 1), -1.0))
-        grad = hard.mul_(1 - s.alpha) if grad is None else grad.add_(hard, alpha=1 - s.alpha)
+            grad = dz.mul_(s.alpha * s.temperature)  # d/ds = T^2 * dD/dz * (1 / T)
+    if need_grad and hard is not None:
+        # d CE / ds = softmax(s) - onehot(label).
+        probs = hard.exp_()
+        grad = probs.mul_(1 - s.alpha) if grad is None else grad.add_(probs, alpha=1 - s.alpha)
+        grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -(1 - s.alpha)))
     return total, grad
 
 
@@ -92,10 +119,13 @@ class _DenseTeacher:
     hidden: Tensor  # (K, H_t), valid rows only
     weight: Tensor  # (V, H_t)
 
-    def log_probs(self, start: int, stop: int, temperature: float, dtype: torch.dtype) -> Tensor:
+    def log_probs(
+        self, start: int, stop: int, temperature: float, out: Tensor, tmp: Tensor
+    ) -> Tensor:
+        """Teacher log-probs at T for rows [start, stop) into `out`; `tmp` is scratch."""
         # (h / T) @ W.T == logits / T, with the division on (C, H) instead of (C, V).
-        tempered = (self.hidden[start:stop] / temperature) @ self.weight.T
-        return torch.log_softmax(tempered.to(dtype), dim=-1)
+        _matmul_into(self.hidden[start:stop] / temperature, self.weight, tmp)
+        return torch.log_softmax(tmp, dim=-1, out=out)
 
 
 @dataclass
@@ -104,10 +134,20 @@ class _SparseTeacher:
     logprobs: Tensor  # (K, k)
     vocab: int
 
-    def log_probs(self, start: int, stop: int, temperature: float, dtype: torch.dtype) -> Tensor:
-        return sparse_teacher_log_probs(
-            self.ids[start:stop], self.logprobs[start:stop], self.vocab, temperature, dtype
+    def log_probs(
+        self, start: int, stop: int, temperature: float, out: Tensor, tmp: Tensor
+    ) -> Tensor:
+        dense = sparse_teacher_log_probs(
+            self.ids[start:stop], self.logprobs[start:stop], self.vocab, temperature, out.dtype
         )
+        return out.copy_(dense)
+
+
+def _matmul_into(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """out = x @ weight.T, written into `out` (compute dtype) without a temporary when dtypes match."""
+    if x.dtype == out.dtype and weight.dtype == out.dtype:
+        return torch.mm(x, weight.T, out=out)
+    return out.copy_(x @ weight.T)
 
 
 def _fused_forward(
@@ -122,36 +162,40 @@ def _fused_forward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Loss sum over valid rows and un-normalised gradients. hidden (K, H), labels (K,)."""
     dtype = compute_dtype(hidden.dtype)
+    device = hidden.device
     need_grad = need_hidden_grad or need_weight_grad
-    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    total = torch.zeros((), dtype=dtype, device=device)
     grad_hidden = (
-        torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden_grad else None
+        torch.empty(hidden.shape, dtype=dtype, device=device) if need_hidden_grad else None
     )
-    # Accumulate the weight gradient in the compute dtype even for bf16 weights: summing many
-    # chunks in bf16 loses the small ones.
+    # The weight gradient accumulates in the compute dtype even for bf16 weights: summing many
+    # chunks in bf16 would lose the small ones.
     grad_weight = (
-        torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight_grad else None
+        torch.zeros(weight.shape, dtype=dtype, device=device) if need_weight_grad else None
     )
+    rows = min(chunk_size, max(hidden.shape[0], 1))
+    workspace = _Workspace(rows, weight.shape[0], dtype, device)
     for start in range(0, hidden.shape[0], chunk_size):
         stop = min(start + chunk_size, hidden.shape[0])
         h = hidden[start:stop]
-        z = ((h / s.temperature) @ weight.T).to(dtype)  # student logits / T
-        log_p = teacher.log_probs(start, stop, s.temperature, dtype)
-        chunk_total, g = rows_loss_and_grad(z, log_p, labels[start:stop], s, need_grad=need_grad)
+        z_buf, log_p_buf, a, b = workspace.take(stop - start)
+        log_p = teacher.log_probs(start, stop, s.temperature, out=log_p_buf, tmp=a)
+        z = _matmul_into(h / s.temperature, weight, z_buf)  # student logits / T
+        chunk_total, g = rows_loss_and_grad(
+            z, log_p, labels[start:stop], s, (a, b), need_grad=need_grad
+        )
         total += chunk_total
-        del z, log_p
         if g is None:
             continue
         # Matmuls run in the weights' dtype (bf16 on accelerators), accumulation in `dtype`.
-        g_mm = g.to(weight.dtype)
+        g_mm = g if g.dtype == weight.dtype else g.to(weight.dtype)
         if grad_hidden is not None:
-            grad_hidden[start:stop] = g_mm @ weight
+            _matmul_into(g_mm, weight.T, grad_hidden[start:stop])
         if grad_weight is not None:
             if g_mm.dtype == dtype:
                 grad_weight.addmm_(g_mm.T, h)
             else:
                 grad_weight.add_(g_mm.T @ h)
-        del g, g_mm
     return total, grad_hidden, grad_weight
 
 
