@@ -1,0 +1,281 @@
+"""Write lmdistill/assets/prompts.jsonl: the bundled prompt set the quickstart distills on.
+
+Short instructions and questions of the kind a 135M instruct teacher handles: facts, definitions,
+short explanations, simple arithmetic. Each record has a stable `id`, a `prompt`, a `category`, and a
+`split` ("train" or "test", by a hash of the prompt, about 75/25), so held-out prompts never leak into
+training. Regenerate with: .venv/bin/python scripts/make_prompts.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+COUNTRIES = [
+    "France",
+    "Japan",
+    "Italy",
+    "Spain",
+    "Germany",
+    "Canada",
+    "Australia",
+    "Brazil",
+    "Egypt",
+    "India",
+    "China",
+    "Russia",
+    "Mexico",
+    "Argentina",
+    "Kenya",
+    "Norway",
+    "Sweden",
+    "Greece",
+    "Portugal",
+    "Ireland",
+    "Poland",
+    "Turkey",
+    "Thailand",
+    "Vietnam",
+    "Peru",
+    "Chile",
+    "Cuba",
+    "Austria",
+    "Belgium",
+    "Netherlands",
+    "Denmark",
+    "Finland",
+    "Hungary",
+    "Morocco",
+    "Nigeria",
+    "South Korea",
+    "Indonesia",
+    "Colombia",
+    "Switzerland",
+    "New Zealand",
+]
+WORDS = [
+    "democracy",
+    "gravity",
+    "friendship",
+    "ocean",
+    "volcano",
+    "library",
+    "algorithm",
+    "planet",
+    "energy",
+    "habitat",
+    "climate",
+    "history",
+    "music",
+    "poetry",
+    "economy",
+    "vaccine",
+    "bridge",
+    "island",
+    "desert",
+    "forest",
+    "language",
+    "mountain",
+    "river",
+    "computer",
+    "science",
+    "kindness",
+    "courage",
+    "recipe",
+    "orbit",
+    "molecule",
+    "galaxy",
+    "fossil",
+    "harvest",
+    "journey",
+    "museum",
+    "telescope",
+    "umbrella",
+    "tradition",
+    "festival",
+    "glacier",
+    "metaphor",
+    "pyramid",
+    "satellite",
+    "passport",
+    "battery",
+    "keyboard",
+    "garden",
+    "holiday",
+    "weather",
+    "password",
+]
+CONCEPTS = [
+    "photosynthesis",
+    "the water cycle",
+    "why the sky is blue",
+    "how a rainbow forms",
+    "what a cell is",
+    "how vaccines work",
+    "why we have seasons",
+    "what inflation is",
+    "how a compass works",
+    "what DNA is",
+    "how the heart pumps blood",
+    "what electricity is",
+    "why leaves change color in autumn",
+    "how airplanes fly",
+    "what a black hole is",
+    "how the internet works",
+    "what recycling is",
+    "why the moon has phases",
+    "what an atom is",
+    "how bees make honey",
+    "what a volcano eruption is",
+    "how a battery stores energy",
+    "what machine learning is",
+    "why exercise is healthy",
+    "how sound travels",
+    "what gravity does",
+    "how plants grow from seeds",
+    "what a democracy is",
+    "why we need sleep",
+    "how clouds form",
+    "what a computer program is",
+    "what evaporation is",
+    "how fish breathe underwater",
+    "why ice floats",
+    "what the greenhouse effect is",
+    "how magnets work",
+    "what a calendar is for",
+    "why the ocean is salty",
+    "how a thermometer works",
+    "what friction is",
+    "how birds migrate",
+    "what a map scale is",
+    "how money is used",
+    "what a noun is",
+    "what a verb is",
+    "how to measure temperature",
+    "what the sun is made of",
+    "why we brush our teeth",
+    "how trees help the environment",
+    "what a telescope does",
+]
+FACT_QUESTIONS = [
+    "How many legs does a spider have?",
+    "How many days are in a week?",
+    "How many months are in a year?",
+    "What color is the sky on a clear day?",
+    "What do bees make?",
+    "What is the largest planet in our solar system?",
+    "What is the boiling point of water in Celsius?",
+    "How many continents are there?",
+    "What gas do plants take in from the air?",
+    "What is the freezing point of water in Celsius?",
+    "Which animal is known as the king of the jungle?",
+    "What is the opposite of hot?",
+    "What is the largest ocean on Earth?",
+    "How many hours are in a day?",
+    "What is the closest star to Earth?",
+    "What do caterpillars turn into?",
+    "Name a fruit that is yellow.",
+    "Name a primary color.",
+    "Name an animal that can fly.",
+    "What is the chemical symbol for water?",
+    "How many sides does a triangle have?",
+    "How many sides does a square have?",
+    "What is the main language spoken in Brazil?",
+    "Which planet is known as the Red Planet?",
+    "What do you call a baby cat?",
+    "What do you call a baby dog?",
+    "What is frozen water called?",
+    "Which season comes after winter?",
+    "What is the tallest animal in the world?",
+    "How many minutes are in an hour?",
+    "What instrument has black and white keys?",
+    "What shape has no corners?",
+    "Which organ do we use to breathe?",
+    "What is the capital letter of the word apple?",
+    "What is the first letter of the alphabet?",
+    "How many wheels does a bicycle have?",
+    "What do cows drink?",
+    "What is the color of grass?",
+    "Which is heavier, a kilogram of feathers or a kilogram of iron?",
+    "What is the largest mammal?",
+]
+TASKS = [
+    "Write one sentence about the ocean.",
+    "Give two tips for staying healthy.",
+    "Suggest a name for a pet goldfish.",
+    "Write a short greeting for a birthday card.",
+    "List three fruits.",
+    "List three colors.",
+    "List three animals that live in the sea.",
+    "Give one reason to read books.",
+    "Write a one-line motto for a library.",
+    "Describe a sunny day in one sentence.",
+    "Give two tips for studying.",
+    "Write a polite way to ask for help.",
+    "Suggest a healthy breakfast.",
+    "List three things you can do on a rainy day.",
+    "Write a short thank-you note to a teacher.",
+    "Give two tips for saving water.",
+    "Describe a cat in one sentence.",
+    "Write one sentence about the moon.",
+    "Suggest a title for a story about a dragon.",
+    "Give one tip for a good night's sleep.",
+    "List three vegetables.",
+    "Write a short sentence about friendship.",
+    "Give two ideas for a weekend activity.",
+    "Describe the taste of lemon in a few words.",
+    "List three musical instruments.",
+    "Write a one-sentence summary of what a chef does.",
+    "Give two tips for learning a language.",
+    "Name three planets.",
+    "Write one sentence about trees.",
+    "List three kinds of weather.",
+]
+
+
+def arithmetic(rng: random.Random) -> list[str]:
+    prompts = []
+    for _ in range(70):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        prompts.append(f"What is {a} + {b}?")
+    for _ in range(35):
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        prompts.append(f"What is {a} times {b}?")
+    for _ in range(35):
+        a = rng.randint(10, 30)
+        b = rng.randint(1, a)
+        prompts.append(f"What is {a} minus {b}?")
+    return prompts
+
+
+def main() -> None:
+    rng = random.Random(20261127)
+    groups = {
+        "capital": [f"What is the capital of {c}?" for c in COUNTRIES],
+        "definition": [f"Define the word '{w}' in one sentence." for w in WORDS],
+        "explanation": [f"Explain {c} in one or two sentences." for c in CONCEPTS],
+        "fact": FACT_QUESTIONS,
+        "instruction": TASKS,
+        "arithmetic": arithmetic(rng),
+    }
+    seen: set[str] = set()
+    out = Path(__file__).resolve().parents[1] / "lmdistill" / "assets" / "prompts.jsonl"
+    counts = {"train": 0, "test": 0}
+    with out.open("w") as f:
+        for category, prompts in groups.items():
+            for prompt in prompts:
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                digest = hashlib.sha256(prompt.encode()).hexdigest()
+                split = "test" if int(digest[:8], 16) % 4 == 0 else "train"
+                counts[split] += 1
+                record = {"id": digest[:12], "prompt": prompt, "category": category, "split": split}
+                f.write(json.dumps(record) + "\n")
+    print(f"wrote {out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()
