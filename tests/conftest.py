@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models are faster on one thread, and two test processes (or a test and its server) must not
+# fight over the 2 cores; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

