@@ -14,7 +14,7 @@ from lmdistill.errors import UserError
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int`. Heavy imports (torch, transformers) happen inside `func`, so
 # `lmdistill --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("lmdistill.commands.generate", "lmdistill.commands.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

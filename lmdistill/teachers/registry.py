@@ -31,7 +31,8 @@ def load_teacher(spec: str, **options: Any) -> Teacher:
         model = spec.removeprefix("openai:")
         if not model:
             raise UserError("teacher 'openai:' needs a model name, e.g. openai:gpt-4o-mini")
-        return _construct(_openai_teacher_class(), spec, model, base_url=None, **options)
+        base_url = options.pop("base_url", None)  # None: OPENAI_BASE_URL or the OpenAI API
+        return _construct(_openai_teacher_class(), spec, model, base_url=base_url, **options)
     if spec.startswith(("http://", "https://")):
         model = options.pop("model", None) or _only_served_model(spec, options)
         return _construct(_openai_teacher_class(), spec, model, base_url=spec, **options)

@@ -1,0 +1,189 @@
+"""JSONL that survives bad input and crashes.
+
+Reading an input file names the file, line and problem of the first bad line (not UTF-8, not JSON,
+not an object). Writing appends whole lines, each batch with one `write` and an `fsync`, so a crash
+or `kill -9` at any moment leaves complete lines followed by at most one torn last line, which
+`read_appended` cuts off before anything is appended again."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lmdistill.errors import InputError, UserError
+
+Record = dict[str, Any]
+
+
+def _decode_line(path: Path, number: int, raw: bytes) -> Record | None:
+    """One line as a JSON object; None for a blank line. Raises InputError naming path:number."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            path,
+            f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "save the file as UTF-8",
+            line=number,
+        ) from None
+    if number == 1:
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors add
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            path, f"not valid JSON ({exc.msg} at column {exc.colno})", line=number
+        ) from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"expected a JSON object, got {type(value).__name__}", line=number)
+    return value
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Record]]:
+    """(1-based line number, record) for each non-blank line of a JSONL file."""
+    path = Path(path)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            record = _decode_line(path, number, raw)
+            if record is not None:
+                yield number, record
+
+
+def read_appended(path: str | Path) -> list[tuple[int, Record]]:
+    """The records of a file written by `JsonlAppender`, after cutting a torn last line.
+
+    Everything after the last newline is a write that a crash interrupted: it is truncated away
+    (the request behind it is redone, from the response cache when there is one). Any other bad
+    line was not written by us and raises InputError, so that nothing is silently dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open("rb+") as handle:
+        end = _end_of_last_line(handle)
+        if end < handle.seek(0, os.SEEK_END):
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+        handle.seek(0)
+        records = []
+        for number, raw in enumerate(handle, start=1):
+            record = _decode_line(path, number, raw)
+            if record is not None:
+                records.append((number, record))
+    return records
+
+
+def _end_of_last_line(handle: BinaryIO, chunk: int = 1 << 16) -> int:
+    """Offset just past the file's last newline (0 if it has none), reading backwards from the end."""
+    position = handle.seek(0, os.SEEK_END)
+    while position > 0:
+        start = max(0, position - chunk)
+        handle.seek(start)
+        found = handle.read(position - start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        position = start
+    return 0
+
+
+def encode_line(record: Record) -> bytes:
+    """One JSON line, UTF-8, human-readable where possible."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a model's broken bytes): escape it instead
+        return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
+
+
+class JsonlAppender:
+    """Appends records to a JSONL file, crash-safely, holding an exclusive lock on it.
+
+    The lock (flock, released by the kernel even after `kill -9`) stops a second process from
+    appending to the same file at the same time, which could interleave a torn line mid-file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{self.path}: cannot write ({exc.strerror})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise UserError(
+                f"{self.path} is being written by another process; wait for it or use another output"
+            ) from None
+
+    def append(self, records: Sequence[Record]) -> None:
+        """Write `records` as one batch of lines, then fsync: on return they are on disk."""
+        if not records:
+            return
+        data = memoryview(b"".join(encode_line(r) for r in records))
+        while data:  # os.write may write less than asked (signals, huge batches)
+            written = os.write(self._fd, data)
+            data = data[written:]
+        os.fsync(self._fd)
+
+    def truncate(self) -> None:
+        """Empty the file (for --overwrite), keeping the lock."""
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also releases the lock
+            self._fd = -1
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_json_atomic(path: str | Path, value: Any) -> None:
+    """Write a JSON file so that readers see the old or the new content, never a mix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary output file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
