@@ -88,6 +88,12 @@ def _only_served_model(base_url: str, options: dict[str, Any]) -> str:
     )
     try:
         ids = [model.id for model in client.models.list().data]
+    except openai.APIConnectionError:
+        raise UserError(f"could not reach the server at {base_url}: is it running?") from None
+    except openai.AuthenticationError:
+        raise UserError(
+            f"{base_url} refused the API key (check ${options.get('api_key_env', 'OPENAI_API_KEY')})"
+        ) from None
     except openai.APIError as exc:
         raise UserError(
             f"could not list the models at {base_url} ({type(exc).__name__}); name the model to use"
