@@ -1,0 +1,348 @@
+"""`evaluate`: run a set of tasks on a student, its teacher and a baseline, with results cached
+by (model fingerprint, task, settings), retention against the teacher, and measured cost.
+
+    results = evaluate("runs/student", ["arithmetic_1digit", "mc-builtin", "rel"],
+                       teacher="smollm2-135m-instruct", cache_dir="out/cache")
+    write_report(results, "out")          # lmdistill.eval.report
+
+Task specs (comma-separated after --tasks):
+  a task name or spec     arithmetic_1digit, gsm_symbolic, humaneval, jsonl:PATH[@RULE], rg:NAME
+                          (verifiable generation and code pass@k, `generation.py`)
+  mc-builtin[@letters]    multiple choice by log-likelihood, the built-in set
+  mc-jsonl:PATH[@letters] multiple choice from your file (`multiple_choice.py`)
+  rel | rel:TASK | rel-jsonl:PATH
+                          teacher-relative metrics (needs a teacher; `teacher_relative.py`)
+  lmeval:TASK             an lm-eval-harness task, when lm-eval is installed
+
+Models load lazily, on the first result the cache cannot answer, so a fully cached rerun loads
+none; once loaded, a model stays loaded until the end of the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lmdistill import __version__
+from lmdistill.errors import UserError
+from lmdistill.eval import cost as cost_module
+from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
+from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
+from lmdistill.eval.generation import GenerationEval
+from lmdistill.eval.lm_eval_adapter import LmEvalTask
+from lmdistill.eval.multiple_choice import BUILTIN_PATH, MultipleChoiceEval, split_format
+from lmdistill.eval.results import ROLES, EvalResults, ModelInfo, ModelTaskResult, Score, TaskResult
+from lmdistill.eval.stats import retention_interval
+from lmdistill.eval.teacher_relative import BUNDLED_PROMPTS, TeacherRelativeEval
+from lmdistill.pipelines.generate import Prices
+from lmdistill.tasks import get_task, task_names
+from lmdistill.tasks.base import Task
+from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.registry import is_api_spec, load_teacher
+
+EVAL_FORMS: tuple[str, ...] = (
+    "mc-builtin[@letters]",
+    "mc-jsonl:PATH[@letters]",
+    "rel",
+    "rel:TASK",
+    "rel-jsonl:PATH",
+    "lmeval:TASK",
+)
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def known_task_names() -> list[str]:
+    return [*task_names(), *EVAL_FORMS]
+
+
+def _generation_task(spec: str) -> Task:
+    """`get_task(spec)`, with an unknown name reported against every form `--tasks` takes."""
+    if spec not in task_names() and not spec.startswith(("jsonl:", "rg:")):
+        raise UserError(f"unknown task '{spec}'; choose from: {', '.join(known_task_names())}")
+    return get_task(spec)
+
+
+def make_evaluator(spec: str) -> Evaluator:
+    """The evaluator for one task spec (see the module docstring). Reads and checks data files
+    now, so a bad file fails before any model loads."""
+    spec = spec.strip()
+    if spec.startswith("mc-jsonl:"):
+        path, fmt = split_format(spec.removeprefix("mc-jsonl:"))
+        return MultipleChoiceEval(spec, Path(path).expanduser(), fmt)
+    base, fmt = split_format(spec)
+    if base == "mc-builtin":
+        return MultipleChoiceEval(spec, BUILTIN_PATH, fmt)
+    if spec == "rel":
+        return TeacherRelativeEval(spec, path=BUNDLED_PROMPTS)
+    if spec.startswith("rel:"):
+        return TeacherRelativeEval(spec, task=_generation_task(spec.removeprefix("rel:")))
+    if spec.startswith("rel-jsonl:"):
+        return TeacherRelativeEval(spec, path=Path(spec.removeprefix("rel-jsonl:")).expanduser())
+    if spec.startswith("lmeval:"):
+        return LmEvalTask(spec, spec.removeprefix("lmeval:"))
+    return GenerationEval(spec, _generation_task(spec))
+
+
+def parse_tasks(specs: Sequence[str]) -> list[Evaluator]:
+    """Evaluators for comma-separated task lists (repeats dropped, order kept)."""
+    names: list[str] = []
+    for item in specs:
+        for name in item.split(","):
+            if name.strip() and name.strip() not in names:
+                names.append(name.strip())
+    if not names:
+        raise UserError("no tasks given; e.g. --tasks arithmetic_1digit,mc-builtin")
+    return [make_evaluator(name) for name in names]
+
+
+@dataclass
+class ModelSlot:
+    """A model of the run, loaded on first use."""
+
+    role: str
+    spec: str
+    batch_size: int
+    fingerprint: str = ""
+    loads: int = 0
+    same_as: ModelSlot | None = None  # an earlier slot with the same model: share its copy
+    _model: Teacher | None = field(default=None, repr=False)
+
+    def get(self) -> Teacher:
+        if self.same_as is not None:
+            return self.same_as.get()
+        if self._model is None:
+            options = {} if is_api_spec(self.spec) else {"batch_size": self.batch_size}
+            self._model = load_teacher(self.spec, **options)
+            self.loads += 1
+        return self._model
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+
+def retention(
+    student: ModelTaskResult, teacher: ModelTaskResult, confidence: float, seed: int
+) -> Score | None:
+    """Student / teacher on the headline metric over the examples both have, with the paired
+    bootstrap interval of `stats.retention_interval`; None when the teacher scores 0."""
+    if student.per_example and teacher.per_example:
+        teacher_by_id = dict(zip(teacher.example_ids, teacher.per_example, strict=True))
+        pairs = [
+            (s, teacher_by_id[i])
+            for i, s in zip(student.example_ids, student.per_example, strict=True)
+            if i in teacher_by_id
+        ]
+        if not pairs or sum(t for _, t in pairs) == 0:
+            return None
+        s_scores, t_scores = [p[0] for p in pairs], [p[1] for p in pairs]
+        interval = retention_interval(s_scores, t_scores, confidence=confidence, seed=seed)
+        return Score.of_interval(interval, len(pairs), "paired-bootstrap")
+    # Aggregates only (an lm-eval task that logged no samples): the ratio, without an interval.
+    s_value = student.metrics[student.primary].value
+    t_value = teacher.metrics[teacher.primary].value
+    if t_value == 0:
+        return None
+    ratio = s_value / t_value
+    return Score(ratio, ratio, ratio, student.metrics[student.primary].n, "point")
+
+
+def _describe(role: str, spec: str, result: ModelTaskResult) -> str:
+    score = result.metrics[result.primary]
+    where = "cached" if result.cached else f"{result.seconds:.1f} s"
+    return f"  {role:<8} {spec}: {result.primary} {score} n={score.n} ({where})"
+
+
+def evaluate(
+    model: str,
+    tasks: Sequence[str],
+    *,
+    teacher: str | None = None,
+    baseline: str | None = None,
+    settings: EvalSettings | None = None,
+    prices: Prices | None = None,
+    cache_dir: str | Path | None = None,
+    measure_cost: bool = True,
+    cost_tokens: int = cost_module.DEFAULT_NEW_TOKENS,
+    run_dir: str | Path | None = None,
+    log: Log | None = _stderr,
+) -> EvalResults:
+    """Evaluate `model` (the student) and, when given, its `teacher` and a `baseline` (e.g. the
+    untrained student) on `tasks` (specs as in the module docstring).
+
+    cache_dir: where results are cached (None: no cache). measure_cost: time each local model
+    in a subprocess (`cost.py`). prices: USD per million tokens, applied to the teacher's
+    evaluation tokens (to the model's when there is no teacher). run_dir: a training run whose
+    metrics.jsonl the report plots. log: progress lines (None: silent).
+    """
+    started = time.perf_counter()
+    settings = settings or EvalSettings()
+    say = log or (lambda _line: None)
+    evaluators = parse_tasks(tasks)  # cheap checks first: no model loads for a typo
+    if teacher is None:
+        needing = [e.name for e in evaluators if e.needs_teacher]
+        if needing:
+            raise UserError(
+                f"task(s) {', '.join(needing)} compare against a teacher: add --teacher"
+            )
+    if run_dir is not None and not Path(run_dir).is_dir():
+        raise UserError(f"run dir not found: {run_dir}")
+    specs = {"teacher": teacher, "student": model, "baseline": baseline}
+    slots = {
+        role: ModelSlot(role, spec, settings.batch_size)
+        for role in ROLES
+        if (spec := specs[role]) is not None
+    }
+    earlier: list[ModelSlot] = []
+    for slot in slots.values():
+        slot.fingerprint = model_fingerprint(slot.spec)
+        # The same model under two roles (a baseline that is the teacher) is loaded once.
+        slot.same_as = next(
+            (e for e in earlier if (e.spec, e.fingerprint) == (slot.spec, slot.fingerprint)), None
+        )
+        if slot.same_as is None:
+            earlier.append(slot)
+    cache = ResultCache(cache_dir) if cache_dir is not None else None
+
+    try:
+        task_results = [_run_task(e, slots, settings, cache, say) for e in evaluators]
+        cost = None
+        if measure_cost:
+            cost = _cost(slots, task_results, settings, prices, cache, cost_tokens, say)
+    finally:
+        for slot in slots.values():
+            slot.close()
+    return EvalResults(
+        models={r: ModelInfo(r, s.spec, s.fingerprint) for r, s in slots.items()},
+        tasks=task_results,
+        settings={
+            **settings.to_json(),
+            "tasks": [e.name for e in evaluators],
+            "seeds": {
+                "examples": settings.seed,
+                "sampling": settings.seed if settings.resolved_temperature > 0 else None,
+                "bootstrap": settings.seed,
+            },
+            "teacher_relative_decoding": "greedy",
+            "cost_new_tokens": cost_tokens if measure_cost else None,
+            "model_loads": {r: s.loads for r, s in slots.items()},
+        },
+        cost=cost,
+        run_dir=str(run_dir) if run_dir is not None else None,
+        seconds=time.perf_counter() - started,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        version=__version__,
+    )
+
+
+def _run_task(
+    evaluator: Evaluator,
+    slots: dict[str, ModelSlot],
+    settings: EvalSettings,
+    cache: ResultCache | None,
+    say: Log,
+) -> TaskResult:
+    task = TaskResult(
+        name=evaluator.name,
+        kind=evaluator.kind,
+        primary=evaluator.primary,
+        higher_is_better=evaluator.higher_is_better,
+        description=evaluator.description,
+    )
+    reason = evaluator.skip_reason()
+    if reason is not None:
+        task.skipped = reason
+        say(f"{evaluator.name}: {reason}")
+        return task
+    say(f"{evaluator.name}:")
+    for role, slot in slots.items():  # the teacher first: teacher-relative tasks need its result
+        context = None
+        if evaluator.needs_teacher and role != "teacher":
+            teacher_slot = slots["teacher"]
+            context = TeacherContext(
+                teacher_slot.get, task.results["teacher"], teacher_slot.fingerprint
+            )
+        key = cache_key(
+            {
+                "model": slot.fingerprint,
+                "task": evaluator.identity(),
+                "settings": settings.cache_fields(),
+                "teacher": context.fingerprint if context else None,
+            }
+        )
+        result = cache.get(key) if cache is not None else None
+        if result is None:
+            result = evaluator.run(slot.get(), settings, teacher=context)
+            result.model = slot.spec
+            if cache is not None:
+                cache.put(key, result)
+        task.results[role] = result
+        say(_describe(role, slot.spec, result))
+    if "teacher" in task.results:
+        task.primary = task.results["teacher"].primary
+        for role, result in task.results.items():
+            if role != "teacher" and task.higher_is_better:
+                task.retention[role] = retention(
+                    result, task.results["teacher"], settings.confidence, settings.seed
+                )
+    else:
+        task.primary = next(iter(task.results.values())).primary
+    return task
+
+
+def _cost(
+    slots: dict[str, ModelSlot],
+    tasks: list[TaskResult],
+    settings: EvalSettings,
+    prices: Prices | None,
+    cache: ResultCache | None,
+    new_tokens: int,
+    say: Log,
+) -> dict[str, Any]:
+    """The report's cost section: each local model measured (or its measurement from the
+    cache, for this machine), API models by their tokens only."""
+    batch_size = min(settings.batch_size, 8)
+    machine = cost_module.machine()
+    measured: dict[str, dict[str, Any]] = {}
+    for role, slot in slots.items():
+        if is_api_spec(slot.spec):
+            measured[role] = {"api": True}
+            continue
+        if slot.same_as is not None:
+            measured[role] = measured[slot.same_as.role]
+            continue
+        key = cache_key(
+            {
+                "cost": slot.fingerprint,
+                "new_tokens": new_tokens,
+                "batch_size": batch_size,
+                "machine": machine,
+            }
+        )
+        data = cache.get_json(key) if cache is not None else None
+        if data is None:
+            say(f"cost: measuring {slot.spec} ({new_tokens} tokens per prompt, in a subprocess)")
+            data = cost_module.measure(slot.spec, new_tokens=new_tokens, batch_size=batch_size)
+            data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+            if cache is not None:
+                cache.put_json(key, data)
+        measured[role] = data
+    tokens = {
+        role: (
+            sum(t.results[role].prompt_tokens for t in tasks if role in t.results),
+            sum(t.results[role].completion_tokens for t in tasks if role in t.results),
+        )
+        for role in slots
+    }
+    priced = "teacher" if "teacher" in slots else "student"
+    return cost_module.cost_report(measured, tokens, prices, priced)

@@ -1,0 +1,156 @@
+"""`evaluate` end to end on tiny models: every task kind together, retention, and the cache (a
+second run loads no model and generates nothing)."""
+
+import json
+
+import pytest
+
+from lmdistill.errors import UserError
+from lmdistill.eval import runner
+from lmdistill.eval.base import EvalSettings
+from lmdistill.eval.cache import dir_fingerprint
+from lmdistill.eval.runner import evaluate, parse_tasks, retention
+from lmdistill.eval.stats import retention_interval
+from lmdistill.teachers.registry import load_teacher
+
+FAKE_COST = {
+    "params_total": 1000,
+    "params_non_embedding": 600,
+    "disk_bytes": 4000,
+    "model_memory_bytes": 10_000,
+    "latency_per_token_s": 0.01,
+    "tokens_per_s": 100.0,
+}
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(4)
+        )
+    )
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"question": f"Pick {c}.", "choices": ["a", "b", "c"], "answer": c}) + "\n"
+            for c in "abca"
+        )
+    )
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hello", "Hi there")))
+    return [f"jsonl:{qa}", f"mc-jsonl:{mc}", f"rel-jsonl:{held_out}"]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts model loads, generate calls and cost measurements made by `evaluate`."""
+    counts = {"loads": 0, "generate_calls": 0, "measure": 0}
+    models = []
+
+    def counting_load(spec, **options):
+        counts["loads"] += 1
+        model = load_teacher(spec, **options)
+        models.append(model)
+        return model
+
+    def fake_measure(spec, **kwargs):
+        counts["measure"] += 1
+        return dict(FAKE_COST)
+
+    monkeypatch.setattr(runner, "load_teacher", counting_load)
+    monkeypatch.setattr(runner.cost_module, "measure", fake_measure)
+    counts["models"] = models
+    return counts
+
+
+def run(data_files, teacher, student, cache_dir, **kwargs):
+    return evaluate(
+        str(student),
+        data_files,
+        teacher=str(teacher),
+        baseline=str(teacher),
+        settings=EvalSettings(max_tokens=4, **kwargs),
+        cache_dir=cache_dir,
+        log=None,
+    )
+
+
+def test_second_run_is_answered_from_the_cache(
+    data_files, tiny_model_dir, tiny_student_dir, tmp_path, counted
+):
+    first = run(data_files, tiny_model_dir, tiny_student_dir, tmp_path / "cache")
+    generated = sum(m.generate_calls for m in counted["models"])
+    assert counted["loads"] == 2  # teacher and student; the baseline is the teacher's dir
+    assert generated > 0 and counted["measure"] == 2
+
+    counted.update(loads=0, measure=0)
+    second = run(data_files, tiny_model_dir, tiny_student_dir, tmp_path / "cache")
+    assert counted["loads"] == 0 and counted["measure"] == 0  # nothing loaded: nothing generated
+    assert sum(m.generate_calls for m in counted["models"]) == generated
+    for a, b in zip(first.tasks, second.tasks, strict=True):
+        for role in a.results:
+            assert b.results[role].cached
+            assert b.results[role].metrics == a.results[role].metrics
+            assert b.results[role].records == a.results[role].records
+    assert second.cost["models"]["student"]["params_total"] == 1000
+
+    third = run(data_files, tiny_model_dir, tiny_student_dir, tmp_path / "cache", limit=2)
+    assert counted["loads"] == 2  # other settings: computed again
+    assert third.task(data_files[0]).results["student"].metrics["accuracy"].n == 2
+
+
+def test_every_kind_reports_retention(data_files, tiny_model_dir, tiny_student_dir, counted):
+    results = run(data_files, tiny_model_dir, tiny_student_dir, None)
+    assert [t.kind for t in results.tasks] == ["generation", "multiple_choice", "teacher_relative"]
+    rel = results.task(data_files[2])
+    assert rel.results["baseline"].metrics["kl"].value == pytest.approx(0.0, abs=1e-6)
+    assert rel.results["student"].metrics["kl"].value > 0
+    mc = results.task(data_files[1])
+    teacher, student = mc.results["teacher"], mc.results["student"]
+    if sum(teacher.per_example) > 0:
+        expected = retention_interval(student.per_example, teacher.per_example)
+        assert mc.retention["student"].value == pytest.approx(expected.estimate)
+    else:
+        assert mc.retention["student"] is None
+    assert results.settings["seeds"] == {"examples": 0, "sampling": None, "bootstrap": 0}
+    assert results.models["student"].fingerprint == dir_fingerprint(tiny_student_dir)
+
+
+def test_retention_pairs_examples_by_id():
+    from lmdistill.eval.results import ModelTaskResult, Score
+
+    def result(ids, scores):
+        metric = Score(sum(scores) / len(scores), 0, 1, len(scores), "wilson")
+        return ModelTaskResult("t", "m", "accuracy", {"accuracy": metric}, ids, scores)
+
+    teacher = result(["a", "b", "c", "d"], [1.0, 1.0, 0.0, 1.0])
+    student = result(["d", "c", "b", "a"], [0.0, 1.0, 1.0, 0.0])  # another order
+    score = retention(student, teacher, 0.95, 0)
+    assert score.value == pytest.approx((0 + 1 + 1 + 0) / (1 + 0 + 1 + 1))
+    assert retention(student, result(["a", "b", "c", "d"], [0.0] * 4), 0.95, 0) is None
+
+
+def test_fingerprint_follows_the_weights(tmp_path, tiny_model_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    before = dir_fingerprint(copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert dir_fingerprint(copy) != before
+
+
+def test_task_errors_come_before_any_model_loads(counted):
+    with pytest.raises(UserError, match=r"unknown task 'nope'.*mc-builtin"):
+        evaluate("no-such-model", ["nope"], log=None)
+    with pytest.raises(UserError, match="add --teacher"):
+        evaluate("no-such-model", ["rel"], log=None)
+    with pytest.raises(UserError, match="not found"):
+        parse_tasks(["mc-jsonl:/no/such/file.jsonl"])
+    assert counted["loads"] == 0
+    assert [e.name for e in parse_tasks(["mc-builtin,arithmetic", "mc-builtin"])] == [
+        "mc-builtin",
+        "arithmetic",
+    ]

@@ -1,0 +1,142 @@
+"""The report renders: report.json has the documented keys, report.html parses and embeds its
+plots as PNG data URIs, report.md holds the tables; training curves appear with a run dir."""
+
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from lmdistill.eval import runner
+from lmdistill.eval.base import EvalSettings
+from lmdistill.eval.report import write_report
+from lmdistill.eval.runner import evaluate
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_model_dir, tiny_student_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    mc = tmp / "mc.jsonl"
+    mc.write_text(
+        "".join(
+            json.dumps({"question": f"Pick {c}.", "choices": ["a", "b", "c"], "answer": c}) + "\n"
+            for c in "abcab"
+        )
+    )
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 0, "info": {"note": "not a number"}})
+        + "\n"
+        + "".join(
+            json.dumps({"step": s, "loss": 2.0 / s, "lr": 1e-3, "tokens_per_s": 100.0 + s}) + "\n"
+            for s in range(1, 6)
+        )
+        + json.dumps({"step": 5, "eval/loss": 0.5})
+        + "\n"
+    )
+    sizes = {str(tiny_model_dir): 10_000, str(tiny_student_dir): 1_000}
+    patch = pytest.MonkeyPatch()
+    patch.setattr(
+        runner.cost_module,
+        "measure",
+        lambda spec, **kw: {
+            "params_total": sizes[spec],
+            "params_non_embedding": sizes[spec] // 2,
+            "disk_bytes": sizes[spec] * 4,
+            "model_memory_bytes": sizes[spec] * 8,
+            "latency_per_token_s": sizes[spec] / 1e6,
+            "tokens_per_s": 1e6 / sizes[spec],
+            "new_tokens": 32,
+            "batch_size": 8,
+        },
+    )
+    try:
+        results = evaluate(
+            str(tiny_student_dir),
+            [f"mc-jsonl:{mc}", "lmeval:arc_easy"],
+            teacher=str(tiny_model_dir),
+            baseline=str(tiny_model_dir),
+            settings=EvalSettings(max_tokens=4),
+            run_dir=run_dir,
+            log=None,
+        )
+    finally:
+        patch.undo()
+    out = tmp / "out"
+    write_report(results, out)
+    return out
+
+
+def test_report_json_has_the_documented_keys(report_dir):
+    data = json.loads((report_dir / "report.json").read_text())
+    assert {"tasks", "cost", "models", "settings"} <= data.keys()
+    (name,) = [n for n in data["tasks"] if n.startswith("mc-jsonl:")]
+    task = data["tasks"][name]
+    for key in ("teacher", "student", "baseline", "n", "retention", "metrics", "intervals"):
+        assert key in task, key
+    assert task["n"] == 5
+    if task["teacher"] > 0:
+        assert task["retention"] == pytest.approx(task["student"] / task["teacher"])
+    assert data["tasks"]["lmeval:arc_easy"]["skipped"].startswith(
+        "lm-eval-harness is not installed"
+    )
+    assert data["cost"]["reduction"]["student"]["params"] == pytest.approx(10.0)
+    assert data["settings"]["seeds"]["examples"] == 0
+
+
+def test_report_html_parses_and_embeds_pngs(report_dir):
+    parser = Collector()
+    parser.feed((report_dir / "report.html").read_text())
+    parser.close()
+    assert "table" in parser.tags
+    assert len(parser.images) == 3  # scores, retention vs size, training curves
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+
+
+def test_report_md_and_samples(report_dir):
+    text = (report_dir / "report.md").read_text()
+    assert "## Scores" in text and "## Cost" in text and "retention (student/teacher)" in text
+    assert "skipped" in text
+    assert (report_dir / "plots" / "training.png").read_bytes().startswith(PNG_MAGIC)
+    samples = list((report_dir / "samples" / "student").glob("*.jsonl"))
+    assert len(samples) == 1 and json.loads(samples[0].read_text().splitlines()[0])["id"]
+
+
+@pytest.mark.skipif(
+    not (shutil.which("chromium") or shutil.which("chromium-browser")),
+    reason="headless Chromium is not installed",
+)
+def test_report_html_opens_in_headless_chromium(report_dir, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    shot = tmp_path / "shot.png"
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            f"--screenshot={shot}",
+            (report_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and shot.read_bytes().startswith(PNG_MAGIC)
