@@ -27,6 +27,7 @@ from typing import Any
 from lmdistill.eval.results import ROLES, EvalResults, Score, TaskResult
 
 _ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#d62728", "baseline": "#7f7f7f"}
+_EXTRA_COLOURS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
 _LOWER_IS_BETTER = frozenset({"kl", "perplexity"})
 _MAX_CURVES = 8
 
@@ -112,7 +113,11 @@ def _fmt(score: Score | None) -> str:
 
 
 def _roles(results: EvalResults) -> list[str]:
-    return [r for r in ROLES if r in results.models]
+    """Teacher, student, baseline, then any extra models, in the order they were evaluated."""
+    return [
+        *(r for r in ROLES if r in results.models),
+        *(r for r in results.models if r not in ROLES),
+    ]
 
 
 def scores_table(results: EvalResults) -> Table:
@@ -305,7 +310,13 @@ def plot_scores(results: EvalResults) -> bytes | None:
             lo.append(max(0.0, score.value - score.low))
             hi.append(max(0.0, score.high - score.value))
         ax.errorbar(
-            xs, ys, xerr=[lo, hi], fmt="o", capsize=3, color=_ROLE_COLOURS[role], label=role
+            xs,
+            ys,
+            xerr=[lo, hi],
+            fmt="o",
+            capsize=3,
+            color=_ROLE_COLOURS.get(role, _EXTRA_COLOURS[j % len(_EXTRA_COLOURS)]),
+            label=role,
         )
     ax.set_yticks(range(len(tasks)), [f"{t.name}\n({t.primary})" for t in tasks])
     ax.invert_yaxis()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,6 +169,7 @@ def evaluate(
     *,
     teacher: str | None = None,
     baseline: str | None = None,
+    extra: Mapping[str, str] | None = None,
     settings: EvalSettings | None = None,
     prices: Prices | None = None,
     cache_dir: str | Path | None = None,
@@ -178,7 +179,9 @@ def evaluate(
     log: Log | None = _stderr,
 ) -> EvalResults:
     """Evaluate `model` (the student) and, when given, its `teacher` and a `baseline` (e.g. the
-    untrained student) on `tasks` (specs as in the module docstring).
+    untrained student) on `tasks` (specs as in the module docstring). `extra` adds more models to
+    compare, by role name (e.g. {"sft-only": DIR, "untrained": DIR}); they are reported after the
+    baseline, each with its retention against the teacher.
 
     cache_dir: where results are cached (None: no cache). measure_cost: time each local model
     in a subprocess (`cost.py`). prices: USD per million tokens, applied to the teacher's
@@ -197,11 +200,14 @@ def evaluate(
             )
     if run_dir is not None and not Path(run_dir).is_dir():
         raise UserError(f"run dir not found: {run_dir}")
-    specs = {"teacher": teacher, "student": model, "baseline": baseline}
+    clash = sorted(set(extra or {}) & set(ROLES))
+    if clash:
+        raise UserError(f"extra model roles must not reuse {', '.join(ROLES)}: got {clash}")
+    specs = {"teacher": teacher, "student": model, "baseline": baseline, **(extra or {})}
     slots = {
         role: ModelSlot(role, spec, settings.batch_size)
-        for role in ROLES
-        if (spec := specs[role]) is not None
+        for role, spec in specs.items()
+        if spec is not None
     }
     earlier: list[ModelSlot] = []
     for slot in slots.values():

@@ -154,3 +154,35 @@ def test_task_errors_come_before_any_model_loads(counted):
         "mc-builtin",
         "arithmetic",
     ]
+
+
+def test_extra_models_are_evaluated_reported_and_given_retention(
+    data_files, tiny_model_dir, tiny_student_dir, counted, tmp_path
+):
+    from lmdistill.eval.report import scores_table
+
+    results = evaluate(
+        str(tiny_student_dir),
+        data_files[2:],
+        teacher=str(tiny_model_dir),
+        extra={"sft-only": str(tiny_model_dir), "untrained": str(tiny_student_dir)},
+        settings=EvalSettings(max_tokens=4),
+        log=None,
+        measure_cost=False,
+    )
+    assert list(results.models) == ["teacher", "student", "sft-only", "untrained"]
+    rel = results.task(data_files[2])
+    assert rel.results["sft-only"].metrics["kl"].value == pytest.approx(0.0, abs=1e-6)
+    assert rel.results["untrained"].metrics["kl"].value == pytest.approx(
+        rel.results["student"].metrics["kl"].value
+    )
+    headers = scores_table(results).headers
+    assert "sft-only" in headers and "retention (untrained/teacher)" in headers
+    with pytest.raises(UserError, match="must not reuse"):
+        evaluate(
+            str(tiny_student_dir),
+            data_files[2:],
+            teacher=str(tiny_model_dir),
+            extra={"baseline": str(tiny_model_dir)},
+            log=None,
+        )
