@@ -14,7 +14,14 @@ from lmdistill.errors import UserError
 # Subcommand modules, in the order `--help` lists them. Each defines `register(subparsers)`, which adds
 # its parser and sets `func(args) -> int`. Heavy imports (torch, transformers) happen inside `func`, so
 # `lmdistill --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ("lmdistill.commands.generate", "lmdistill.commands.serve")
+COMMAND_MODULES: tuple[str, ...] = (
+    "lmdistill.commands.quickstart",
+    "lmdistill.commands.generate",
+    "lmdistill.commands.serve",
+    "lmdistill.commands.cache_logits",
+    "lmdistill.commands.train",
+    "lmdistill.commands.eval",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -46,6 +54,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmdistill {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; transformers' per-load "Loading weights" bar
+    (printed every time a model dir is opened) only adds noise."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -68,5 +68,5 @@ def test_url_spec_uses_the_servers_only_model(tiny_model_dir: Path) -> None:
 def test_unreachable_url_is_a_user_error() -> None:
     pytest.importorskip("lmdistill.teachers.openai_api")
     # Port 9 (discard) on loopback: nothing listens there, so the connection is refused at once.
-    with pytest.raises(UserError, match="could not list the models"):
+    with pytest.raises(UserError, match="could not reach the server"):
         load_teacher("http://127.0.0.1:9/v1", timeout_s=2.0)

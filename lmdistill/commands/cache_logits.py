@@ -1,0 +1,69 @@
+"""`lmdistill cache-logits`: the teacher's top-k log-probs for training data, stored once
+(`lmdistill.teachers.cache.build_cache`)."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Run the teacher once over a training data file and store its top-k log-probs at every position
+that has a training target, in sharded memory-mapped files under DIR. A recipe then trains with
+teacher.cache: DIR and no teacher loaded. Rerun the same command to resume an interrupted cache
+(complete shards are kept). The data's records are those `lmdistill train` reads (messages +
+response, or messages with assistant turns); they are rendered with the teacher's tokenizer, and
+training refuses a cache made with another tokenizer."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "cache-logits",
+        help="cache the teacher's top-k log-probs for training data",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--teacher", required=True, metavar="SPEC", help="bundled name or model dir")
+    p.add_argument("--data", required=True, metavar="DATA.jsonl", help="training records")
+    p.add_argument("--out", required=True, metavar="DIR", help="the cache dir")
+    p.add_argument("--top-k", type=int, default=32, metavar="K", help="default %(default)s")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="tokens per example, as in the recipe's data.max_length (default %(default)s)",
+    )
+    p.add_argument(
+        "--tokens-per-batch", type=int, default=8192, metavar="N", help="default %(default)s"
+    )
+    p.add_argument(
+        "--examples-per-shard", type=int, default=2048, metavar="N", help="default %(default)s"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from lmdistill.teachers.cache import build_cache
+    from lmdistill.teachers.registry import load_teacher
+
+    hf_logging.disable_progress_bar()
+    options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    teacher = load_teacher(args.teacher, **options)
+    report = build_cache(
+        teacher,
+        args.data,
+        args.out,
+        top_k=args.top_k,
+        max_length=args.max_length,
+        examples_per_shard=args.examples_per_shard,
+        tokens_per_batch=args.tokens_per_batch,
+    )
+    print(
+        f"cached {report.positions} positions in {report.shards} shards "
+        f"({report.shards_skipped} already complete) to {report.out_dir}: "
+        f"{report.bytes_per_token:.1f} bytes/token, {report.seconds:.1f} s"
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""Recipes: typed config, overrides, clear one-line errors (lmdistill.training.config)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmdistill.errors import UserError
+from lmdistill.training.config import LogitsObjective, TrainConfig, apply_override, load_config
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
+MINIMAL = {
+    "run_dir": "runs/x",
+    "student": {"model": "some/dir"},
+    "data": {"path": "d.jsonl"},
+    "objectives": [{"kind": "sft"}],
+}
+
+
+def write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates_and_opens_with_its_command(path: Path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    first_lines = path.read_text().splitlines()[:4]
+    assert f"# lmdistill train recipes/{path.name}" in first_lines
+
+
+def test_the_shipped_recipes_cover_the_four_methods():
+    kinds = {tuple(o.kind for o in load_config(p).objectives) for p in RECIPES}
+    cached = [p.name for p in RECIPES if load_config(p).teacher.cache]
+    assert ("sft",) in kinds and ("logits",) in kinds and ("logits", "hidden") in kinds
+    assert cached == ["cached_logit_kd.yaml"]
+
+
+def test_overrides_set_dotted_keys_and_list_items(tmp_path: Path):
+    path = write(
+        tmp_path,
+        {**MINIMAL, "objectives": [{"kind": "sft"}, {"kind": "logits"}], "teacher": {"model": "t"}},
+    )
+    config = load_config(
+        path, ["optim.lr=3e-4", "objectives.1.temperature=2", "batch.packing=false", "seed=7"]
+    )
+    assert config.optim.lr == 3e-4 and config.seed == 7 and config.batch.packing is False
+    assert (
+        isinstance(config.objectives[1], LogitsObjective)
+        and config.objectives[1].temperature == 2.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=1", "r.yaml: optim.lrr: unknown key"),
+        ("optim.lr=fast", "r.yaml: optim.lr: Input should be a valid number"),
+        ("objectives.0.temperature=2", "r.yaml: objectives.0.temperature: unknown key"),
+        ("objectives.0.kind=magic", "r.yaml: objectives.0: Input tag 'magic' found using 'kind'"),
+        (
+            "optim.warmup_steps=-1",
+            "r.yaml: optim.warmup_steps: Input should be greater than or equal to 0",
+        ),
+        (
+            "student.from_teacher={teacher: t, layers: 2}",
+            "student: give exactly one of student.model and student.from_teacher",
+        ),
+    ],
+)
+def test_bad_keys_and_values_name_the_file_and_the_key(tmp_path: Path, override: str, message: str):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_objectives_that_need_a_teacher_say_so(tmp_path: Path):
+    raw = {**MINIMAL, "objectives": [{"kind": "hidden"}]}
+    with pytest.raises(UserError, match=r"hidden-state KD needs teacher\.model"):
+        load_config(write(tmp_path, raw))
+    raw = {
+        **MINIMAL,
+        "objectives": [{"kind": "logits", "divergence": "reverse_kl"}],
+        "teacher": {"cache": "c"},
+    }
+    with pytest.raises(UserError, match="reverse_kl is infinite against a top-k cache"):
+        load_config(write(tmp_path, raw))
+
+
+def test_malformed_overrides_and_yaml_are_user_errors(tmp_path: Path):
+    with pytest.raises(UserError, match="expected key=value"):
+        apply_override({}, "optim.lr")
+    with pytest.raises(UserError, match="not an index"):
+        apply_override({"objectives": [{}]}, "objectives.3.weight=1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+"):
+        load_config(bad)
+
+
+def test_the_cli_reports_a_bad_recipe_in_one_line_without_a_traceback(tmp_path: Path):
+    path = write(tmp_path, {**MINIMAL, "optim": {"lr": "fast", "warmup": 3}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmdistill", "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert (
+        "optim.lr: Input should be a valid number" in lines[0]
+        and "optim.warmup: unknown key" in lines[0]
+    )
+    assert lines[0].startswith("lmdistill train: error: ") and str(path) in lines[0]

@@ -1,0 +1,112 @@
+"""Students built from the teacher's layers (lmdistill.training.students)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmdistill.errors import UserError
+from lmdistill.training.students import (
+    LoraSettings,
+    apply_lora,
+    non_embedding_parameters,
+    save_student,
+    source_layers,
+    spread_layers,
+    student_from_teacher,
+)
+
+IDS = torch.tensor([[3, 17, 40, 41, 99, 7, 12]])
+
+
+def logits(model_dir: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_spread_layers_keeps_first_last_and_evenly_between():
+    assert spread_layers(30, 4) == [0, 10, 19, 29]
+    assert spread_layers(30, 2) == [0, 29]
+    assert spread_layers(4, 4) == [0, 1, 2, 3]
+    assert spread_layers(30, 1) == [29]
+    with pytest.raises(UserError, match=r"1\.\.30 layers"):
+        spread_layers(30, 31)
+
+
+def test_a_student_with_every_layer_is_the_teacher(teacher_dir: Path, tmp_path: Path):
+    info = student_from_teacher(teacher_dir, layers=4, out_dir=tmp_path / "s")
+    torch.testing.assert_close(logits(tmp_path / "s"), logits(teacher_dir), atol=0, rtol=0)
+    assert info.non_embedding_parameters == info.teacher_non_embedding_parameters
+
+
+def test_chosen_layers_are_copied_into_place(teacher_dir: Path, tmp_path: Path):
+    info = student_from_teacher(teacher_dir, layers=[0, 3], out_dir=tmp_path / "s")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).state_dict()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.num_hidden_layers == 2
+    for key, value in student.items():
+        source = key.replace("layers.1.", "layers.3.")
+        torch.testing.assert_close(value, teacher[source], atol=0, rtol=0)
+    assert source_layers(tmp_path / "s") == [0, 3] == info.layers
+    # Half the layers: half the non-embedding parameters, up to the final norm.
+    assert info.non_embedding_parameters == (info.teacher_non_embedding_parameters - 48) // 2 + 48
+
+
+def test_the_output_dir_is_a_complete_hf_model_dir(teacher_dir: Path, tmp_path: Path):
+    student_from_teacher(teacher_dir, layers=2, out_dir=tmp_path / "s")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(teacher_dir).chat_template
+    assert (tmp_path / "s" / "generation_config.json").is_file()
+    assert (tmp_path / "s" / "model.safetensors").is_file()
+
+
+def test_narrowing_keeps_the_most_important_neurons_and_channels(teacher_dir: Path, tmp_path: Path):
+    info = student_from_teacher(
+        teacher_dir, layers=2, intermediate_size=40, hidden_size=32, out_dir=tmp_path / "s"
+    )
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    assert student.config.hidden_size == 32 and student.config.intermediate_size == 40
+    assert student.config.head_dim == teacher.config.head_dim  # heads keep their size
+    channels = torch.tensor(info.channels)
+    torch.testing.assert_close(
+        student.get_input_embeddings().weight, teacher.get_input_embeddings().weight[:, channels]
+    )
+    norms = teacher.get_input_embeddings().weight.norm(dim=0)
+    assert norms[channels].min() >= norms.sort().values[-32]  # the 32 largest
+    assert torch.isfinite(student(IDS).logits).all()
+
+
+def test_non_embedding_parameters_exclude_embedding_and_head_once(teacher_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    total = sum(p.numel() for p in model.parameters())
+    assert non_embedding_parameters(model) == total - model.get_input_embeddings().weight.numel()
+
+
+def test_bad_layer_lists_are_user_errors(teacher_dir: Path, tmp_path: Path):
+    with pytest.raises(UserError, match=r"teacher layer indices in \[0, 4\)"):
+        student_from_teacher(teacher_dir, layers=[0, 4], out_dir=tmp_path / "s")
+    with pytest.raises(UserError, match="repeat"):
+        student_from_teacher(teacher_dir, layers=[1, 1], out_dir=tmp_path / "s")
+    with pytest.raises(UserError, match="multiple of the 4 attention heads"):
+        student_from_teacher(teacher_dir, layers=2, hidden_size=30, out_dir=tmp_path / "s")
+
+
+def test_a_lora_student_saves_merged_as_a_plain_model_dir(student_dir: Path, tmp_path: Path):
+    pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    lora = apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # move the adapters off their zero init so merging changes the weights
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        expected = lora(IDS).logits
+    save_student(lora, AutoTokenizer.from_pretrained(student_dir), tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    torch.testing.assert_close(logits(tmp_path / "merged"), expected, atol=1e-5, rtol=1e-5)
