@@ -1,0 +1,207 @@
+"""The quickstart: distill the bundled teacher into a 4x smaller student, offline, on CPU, and
+report what the student kept.
+
+Stages (each resumable: rerunning skips finished work):
+  1. responses   the teacher answers the bundled prompts (greedy), train and held-out splits
+  2. student     a student built from 7 of the teacher's 30 layers (same tokenizer, DistilBERT /
+                 Minitron-style initialisation)
+  3. sft         response distillation: the student fine-tuned on the teacher's answers
+  4. kd          response + logit distillation: the same data, plus forward KL to the teacher's
+                 full next-token distribution (the fused loss)
+  5. eval        teacher, KD student, SFT-only student and the untrained student on held-out
+                 prompts: teacher-relative agreement/KL, ROUGE-L against the teacher's answers, and
+                 a verifiable arithmetic task; cost (size, speed, memory)
+  6. report      report.md / report.html / report.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+PROMPTS = ASSETS / "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class QuickstartSettings:
+    out_dir: Path = Path("runs/quickstart")
+    teacher: str = "smollm2-135m-instruct"
+    student_layers: int = 7  # 7 of 30: ~1/4 of the teacher's non-embedding parameters
+    max_tokens: int = 96  # per teacher response
+    epochs: float = 3.0
+    lr: float = 5e-4
+    kd_alpha: float = 0.5  # KD objective: 0.5 * T^2 * KL + 0.5 * CE
+    kd_temperature: float = 1.0
+    eval_tasks: tuple[str, ...] = ("arithmetic_1digit",)
+    eval_limit: int = 80  # examples per task (the held-out prompts number 88)
+    progress: bool = True
+
+
+@dataclass
+class StageLog:
+    """What ran, what was skipped, and how long each stage took."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self, name: str, done: Callable[[], bool], work: Callable[[], Any]) -> Any:
+        if done():
+            self.rows.append({"stage": name, "status": "skipped (done)", "seconds": 0.0})
+            _say(f"[{name}] already done, skipped")
+            return None
+        _say(f"[{name}] running ...")
+        start = time.perf_counter()
+        out = work()
+        seconds = time.perf_counter() - start
+        self.rows.append({"stage": name, "status": "ran", "seconds": round(seconds, 1)})
+        _say(f"[{name}] done in {seconds:.1f}s")
+        return out
+
+    def summary(self) -> str:
+        lines = [f"  {r['stage']:<10} {r['status']:<16} {r['seconds']:>7.1f}s" for r in self.rows]
+        return "\n".join(lines)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _complete(marker: Path) -> Callable[[], bool]:
+    return marker.exists
+
+
+def _mark(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def teacher_responses(s: QuickstartSettings, out: Path) -> None:
+    """Greedy teacher answers to every bundled prompt; the `split` field is carried through."""
+    from lmdistill.pipelines.generate import generate, read_prompts
+    from lmdistill.teachers import SamplingParams
+    from lmdistill.teachers.registry import load_teacher
+
+    teacher = load_teacher(s.teacher, batch_size=16)
+    try:
+        summary = generate(
+            teacher,
+            read_prompts(PROMPTS),
+            out,
+            SamplingParams(temperature=0.0, max_tokens=s.max_tokens),
+            cache=None,
+            progress=s.progress,
+        )
+    finally:
+        teacher.close()
+    if summary.failed:
+        raise RuntimeError(f"{summary.failed} prompts failed; rerun to retry them")
+
+
+def held_out_file(responses: Path, out: Path) -> None:
+    """The held-out split of the teacher's responses, the reference for teacher-relative metrics."""
+    with responses.open() as src, out.open("w") as dst:
+        for line in src:
+            if json.loads(line).get("split") == "test":
+                dst.write(line)
+
+
+def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path, kind: str):
+    from lmdistill.training.config import validate
+
+    objectives: list[dict[str, Any]] = [{"kind": "sft"}]
+    teacher: dict[str, Any] = {}
+    if kind == "kd":
+        objectives = [
+            {
+                "kind": "logits",
+                "divergence": "forward_kl",
+                "temperature": s.kd_temperature,
+                "alpha": s.kd_alpha,
+            }
+        ]
+        teacher = {"model": s.teacher}
+    raw = {
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "student": {"model": str(student)},
+        "teacher": teacher,
+        "data": {"path": str(data), "split": "train", "max_length": 384, "eval_fraction": 0.05},
+        "batch": {"tokens_per_micro_batch": 2048, "micro_batches_per_step": 1, "packing": True},
+        "objectives": objectives,
+        "optim": {"lr": s.lr, "warmup_steps": 5, "epochs": s.epochs, "schedule": "cosine"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"progress": s.progress, "tensorboard": False},
+    }
+    return validate(raw, f"quickstart ({kind})")
+
+
+def quickstart(s: QuickstartSettings = QuickstartSettings()) -> Path:
+    """Run every stage; returns the report dir."""
+    from lmdistill.eval.base import EvalSettings
+    from lmdistill.eval.report import write_report
+    from lmdistill.eval.runner import evaluate
+    from lmdistill.training.loop import train
+    from lmdistill.training.students import student_from_teacher
+
+    start = time.perf_counter()
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(asdict(s), indent=2, default=str))
+    log = StageLog()
+    responses = out / "data" / "teacher_responses.jsonl"
+    held_out = out / "data" / "held_out.jsonl"
+    untrained = out / "students" / "untrained"
+    runs = {kind: out / "runs" / kind for kind in ("sft", "kd")}
+
+    log.run(
+        "responses",
+        _complete(out / "data" / "responses.done"),
+        lambda: (
+            teacher_responses(s, responses),
+            held_out_file(responses, held_out),
+            _mark(out / "data" / "responses.done", {}),
+        ),
+    )
+    log.run(
+        "student",
+        _complete(untrained / "student.done"),
+        lambda: _mark(
+            untrained / "student.done",
+            asdict(student_from_teacher(s.teacher, layers=s.student_layers, out_dir=untrained)),
+        ),
+    )
+    for kind, run_dir in runs.items():
+        log.run(
+            kind,
+            _complete(run_dir / "train.done"),
+            lambda kind=kind, run_dir=run_dir: (
+                train(train_config(s, run_dir, untrained, responses, kind)),
+                _mark(run_dir / "train.done", {}),
+            ),
+        )
+    report_dir = out / "report"
+    results = log.run(
+        "eval",
+        lambda: False,  # cheap when cached: evaluate() caches per (model, task, settings)
+        lambda: evaluate(
+            str(runs["kd"] / "final"),
+            [f"rel-jsonl:{held_out}", *s.eval_tasks],
+            teacher=s.teacher,
+            extra={"sft-only": str(runs["sft"] / "final"), "untrained": str(untrained)},
+            settings=EvalSettings(limit=s.eval_limit, max_tokens=s.max_tokens, batch_size=16),
+            cache_dir=out / "eval-cache",
+            run_dir=runs["kd"],
+        ),
+    )
+    log.run("report", lambda: False, lambda: write_report(results, report_dir))
+    _say("\nstages:\n" + log.summary())
+    _say(f"total {time.perf_counter() - start:.1f}s; report: {report_dir / 'report.md'}")
+    return report_dir
