@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "local", "api"], default="all")
     parser.add_argument("--local-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--api-requests", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.2, help="seconds per API request")
     args = parser.parse_args()

@@ -88,7 +88,7 @@ def teacher_responses(s: QuickstartSettings, out: Path) -> None:
     from lmdistill.teachers import SamplingParams
     from lmdistill.teachers.registry import load_teacher
 
-    teacher = load_teacher(s.teacher, batch_size=16)
+    teacher = load_teacher(s.teacher, batch_size=32)
     try:
         summary = generate(
             teacher,

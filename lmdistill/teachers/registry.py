@@ -3,6 +3,7 @@
 smollm2-135m-instruct          a bundled model (converted once into the cache, then local)
 ./path/to/model-dir            a Hugging Face model dir (config.json, weights, tokenizer)
 openai:gpt-4o-mini             an OpenAI model (key from $OPENAI_API_KEY)
+vllm:MODEL_DIR_OR_NAME         vLLM in-process (GPU; pip install -e ".[vllm]")
 http://127.0.0.1:8000/v1       any OpenAI-compatible server, e.g. `lmdistill serve`"""
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ def load_teacher(spec: str, **options: Any) -> Teacher:
         from lmdistill.teachers.local import HFTeacher
 
         return _construct(HFTeacher, spec, bundled_model_dir(spec), name=spec, **options)
+    if spec.startswith("vllm:"):
+        from lmdistill.teachers.vllm_teacher import VLLMTeacher, import_vllm
+
+        import_vllm()  # a clear error before any path resolution on machines without vLLM
+        target = spec.removeprefix("vllm:")
+        if target in BUNDLED_NAMES:
+            from lmdistill.teachers.bundled import bundled_model_dir
+
+            return _construct(VLLMTeacher, spec, bundled_model_dir(target), name=target, **options)
+        return _construct(VLLMTeacher, spec, Path(target).expanduser(), **options)
     if spec.startswith("openai:"):
         model = spec.removeprefix("openai:")
         if not model:

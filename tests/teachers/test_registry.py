@@ -70,3 +70,12 @@ def test_unreachable_url_is_a_user_error() -> None:
     # Port 9 (discard) on loopback: nothing listens there, so the connection is refused at once.
     with pytest.raises(UserError, match="could not reach the server"):
         load_teacher("http://127.0.0.1:9/v1", timeout_s=2.0)
+
+
+def test_vllm_spec_without_vllm_is_a_clear_error() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(UserError, match=r"needs vLLM.*pip install"):
+        load_teacher("vllm:smollm2-135m-instruct")
