@@ -133,7 +133,7 @@ def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path
         "student": {"model": str(student)},
         "teacher": teacher,
         "data": {"path": str(data), "split": "train", "max_length": 384, "eval_fraction": 0.05},
-        "batch": {"tokens_per_micro_batch": 2048, "micro_batches_per_step": 1, "packing": True},
+        "batch": {"tokens_per_micro_batch": 1024, "micro_batches_per_step": 1, "packing": True},
         "objectives": objectives,
         "optim": {"lr": s.lr, "warmup_steps": 5, "epochs": s.epochs, "schedule": "cosine"},
         "eval": {"every": 0},
