@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,6 +61,77 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Record]]:
             record = _decode_line(path, number, raw)
             if record is not None:
                 yield number, record
+
+
+def describe(value: Any) -> str:
+    """A JSON value's kind, for error messages ("a number", "an empty string", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else "a string"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def chat_messages(
+    path: str | Path,
+    line: int,
+    record: Record,
+    *,
+    roles: Collection[str] | None = None,
+    prompt_only: bool = False,
+    text_only: bool = False,
+) -> list[dict[str, Any]]:
+    """A record's prompt as chat messages: `prompt` (a non-empty string, one user turn) or
+    `messages` (a non-empty list of {role, content}). `roles` restricts the roles allowed;
+    `prompt_only` refuses a conversation ending in an assistant turn (nothing left to answer);
+    `text_only` refuses OpenAI content-part lists (for code that tokenizes the text itself).
+    InputError names path:line and the field, e.g. `messages[2].role`."""
+
+    def bad(field: str, message: str) -> InputError:
+        return InputError(path, message, line=line, field=field)
+
+    if "prompt" in record and "messages" in record:
+        raise bad("messages", "give either 'prompt' or 'messages', not both")
+    if "prompt" in record:
+        text = record["prompt"]
+        if not isinstance(text, str) or not text.strip():
+            raise bad("prompt", f"must be a non-empty string, got {describe(text)}")
+        return [{"role": "user", "content": text}]
+    if "messages" not in record:
+        raise bad(
+            "prompt",
+            "missing: each line needs 'prompt' (a string) or 'messages' (a list of {role, content})",
+        )
+    value = record["messages"]
+    if not isinstance(value, list) or not value:
+        raise bad(
+            "messages", f"must be a non-empty list of {{role, content}}, got {describe(value)}"
+        )
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise bad(
+                f"messages[{i}]", f"must be an object {{role, content}}, got {describe(message)}"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad(f"messages[{i}].role", f"must be a non-empty string, got {describe(role)}")
+        if roles is not None and role not in roles:
+            raise bad(f"messages[{i}].role", f"must be one of {', '.join(roles)}, got {role!r}")
+        content = message.get("content")
+        allowed = str if text_only else str | list  # list: OpenAI content parts (text, images)
+        if not isinstance(content, allowed):
+            raise bad(f"messages[{i}].content", f"must be a string, got {describe(content)}")
+    if prompt_only and value[-1]["role"] == "assistant":
+        raise bad(
+            f"messages[{len(value) - 1}]", "the prompt must not end with an assistant message"
+        )
+    return value
 
 
 def read_appended(path: str | Path) -> list[tuple[int, Record]]:

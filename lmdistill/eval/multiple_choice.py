@@ -35,13 +35,13 @@ Append `@letters` to either spec for the letters format.
 
 from __future__ import annotations
 
-import json
 import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmdistill.data.jsonl import iter_jsonl
 from lmdistill.errors import InputError, UserError
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import file_digest
@@ -103,31 +103,21 @@ def load_questions(path: Path) -> list[Question]:
         raise UserError(f"multiple-choice file not found: {path}")
     questions: list[Question] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                question = _parse_question(path, number, line)
-                if question.id in seen:
-                    raise InputError(
-                        path, f"duplicate id (first on line {seen[question.id]})", line=number
-                    )
-                seen[question.id] = number
-                questions.append(question)
+    for number, record in iter_jsonl(path):
+        question = _parse_question(path, number, record)
+        if question.id in seen:
+            raise InputError(path, f"duplicate id (first on line {seen[question.id]})", line=number)
+        seen[question.id] = number
+        questions.append(question)
     if not questions:
         raise InputError(path, "no questions (expected one JSON object per line)")
     return questions
 
 
-def _parse_question(path: Path, number: int, line: str) -> Question:
+def _parse_question(path: Path, number: int, record: dict[str, Any]) -> Question:
     def fail(message: str, field: str | None = None) -> InputError:
         return InputError(path, message, line=number, field=field)
 
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail(f"not valid JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(record, dict):
-        raise fail(f"expected a JSON object, got {type(record).__name__}")
     question = record.get("question")
     if not isinstance(question, str) or not question.strip():
         raise fail("must be a non-empty string", "question")

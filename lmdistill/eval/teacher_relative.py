@@ -36,7 +36,6 @@ Prompt sets:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lmdistill.data.jsonl import chat_messages, iter_jsonl
 from lmdistill.errors import InputError, UserError
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import file_digest
@@ -102,14 +102,12 @@ def read_prompt_file(path: Path) -> list[HeldOutPrompt]:
         raise UserError(f"prompt file not found: {path}")
     rows: list[tuple[HeldOutPrompt, str | None]] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                prompt, split = _parse_prompt(path, number, line)
-                if prompt.id in seen:
-                    raise InputError(path, f"duplicate id {prompt.id!r}", line=number, field="id")
-                seen.add(prompt.id)
-                rows.append((prompt, split))
+    for number, record in iter_jsonl(path):
+        prompt, split = _parse_prompt(path, number, record)
+        if prompt.id in seen:
+            raise InputError(path, f"duplicate id {prompt.id!r}", line=number, field="id")
+        seen.add(prompt.id)
+        rows.append((prompt, split))
     if any(split is not None for _, split in rows):
         rows = [row for row in rows if row[1] == "test"]
     if not rows:
@@ -117,35 +115,15 @@ def read_prompt_file(path: Path) -> list[HeldOutPrompt]:
     return [prompt for prompt, _ in rows]
 
 
-def _parse_prompt(path: Path, number: int, line: str) -> tuple[HeldOutPrompt, str | None]:
+def _parse_prompt(
+    path: Path, number: int, record: dict[str, Any]
+) -> tuple[HeldOutPrompt, str | None]:
     def fail(message: str, field: str | None = None) -> InputError:
         return InputError(path, message, line=number, field=field)
 
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail(f"not valid JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(record, dict):
-        raise fail(f"expected a JSON object, got {type(record).__name__}")
-    if ("prompt" in record) == ("messages" in record):
-        raise fail("give exactly one of 'prompt' (text) or 'messages' (chat)", "prompt")
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise fail("must be a non-empty string", "prompt")
-        messages: list[Message] = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = record["messages"]
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict)
-                and m.get("role") in _ROLES
-                and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise fail("must be a non-empty list of {role, content} objects", "messages")
+    messages: list[Message] = chat_messages(
+        path, number, record, roles=_ROLES, prompt_only=True, text_only=True
+    )
     reference = record.get("response")
     if reference is not None and not isinstance(reference, str):
         raise fail("must be a string", "response")

@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill import __version__
-from lmdistill.data.jsonl import JsonlAppender, iter_jsonl, read_appended, write_json_atomic
+from lmdistill.data.jsonl import (
+    JsonlAppender,
+    chat_messages,
+    describe,
+    iter_jsonl,
+    read_appended,
+    write_json_atomic,
+)
 from lmdistill.errors import InputError, UserError
 from lmdistill.pipelines.response_cache import ResponseCache, request_key
 from lmdistill.teachers.base import Generation, GenerationResult, Message, SamplingParams, Teacher
@@ -161,25 +168,12 @@ def _parse_prompt(path: Path, line: int, record: dict[str, Any]) -> Prompt:
     def bad(name: str, message: str) -> InputError:
         return InputError(path, message, line=line, field=name)
 
-    if "prompt" in record and "messages" in record:
-        raise bad("messages", "give either 'prompt' or 'messages', not both")
-    if "prompt" in record:
-        text = record["prompt"]
-        if not isinstance(text, str) or not text.strip():
-            raise bad("prompt", f"must be a non-empty string, got {_describe(text)}")
-        messages: list[Message] = [{"role": "user", "content": text}]
-    elif "messages" in record:
-        messages = _check_messages(record["messages"], bad)
-    else:
-        raise bad(
-            "prompt",
-            "missing: each line needs 'prompt' (a string) or 'messages' (a list of {role, content})",
-        )
+    messages: list[Message] = chat_messages(path, line, record)
     raw_id = record.get("id")
     if raw_id is None:
         prompt_id = content_id(messages)
     elif isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or raw_id == "":
-        raise bad("id", f"must be a non-empty string or an integer, got {_describe(raw_id)}")
+        raise bad("id", f"must be a non-empty string or an integer, got {describe(raw_id)}")
     else:
         prompt_id = str(raw_id)
     clashing = sorted(RESERVED_FIELDS & record.keys())
@@ -187,39 +181,6 @@ def _parse_prompt(path: Path, line: int, record: dict[str, Any]) -> Prompt:
         raise bad(clashing[0], "is a field lmdistill generate writes; rename it in the input")
     fields = {k: v for k, v in record.items() if k not in _INPUT_ONLY}
     return Prompt(id=prompt_id, messages=messages, fields=fields, line=line)
-
-
-def _check_messages(value: Any, bad: Any) -> list[Message]:
-    if not isinstance(value, list) or not value:
-        raise bad(
-            "messages", f"must be a non-empty list of {{role, content}}, got {_describe(value)}"
-        )
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise bad(
-                f"messages[{i}]", f"must be an object {{role, content}}, got {_describe(message)}"
-            )
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise bad(f"messages[{i}].role", f"must be a non-empty string, got {_describe(role)}")
-        content = message.get("content")
-        if not isinstance(content, str | list):  # list: OpenAI content parts (text, images)
-            raise bad(f"messages[{i}].content", f"must be a string, got {_describe(content)}")
-    return value
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return "an empty string" if not value.strip() else "a string"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
 
 
 def content_id(messages: Sequence[Message]) -> str:

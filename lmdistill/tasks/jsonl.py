@@ -22,12 +22,12 @@ Extraction rules (what part of a response is compared with the answer):
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmdistill.data.jsonl import chat_messages, iter_jsonl
 from lmdistill.errors import InputError, UserError
 from lmdistill.tasks.base import Example, Split, Task, check_limit, check_split, seeded_subset
 from lmdistill.tasks.extract import answers_equal, final_number, marked_answer, numbers_equal
@@ -122,44 +122,27 @@ def load_examples(path: Path) -> list[Example]:
         raise UserError(f"task file not found: {path}")
     examples: list[Example] = []
     ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            example = _parse_record(path, number, line)
-            if example.id in ids:
-                raise InputError(
-                    path,
-                    f"duplicate id {example.id!r} (first on line {ids[example.id]})",
-                    line=number,
-                    field="id",
-                )
-            ids[example.id] = number
-            examples.append(example)
+    for number, record in iter_jsonl(path):
+        example = _parse_record(path, number, record)
+        if example.id in ids:
+            raise InputError(
+                path,
+                f"duplicate id {example.id!r} (first on line {ids[example.id]})",
+                line=number,
+                field="id",
+            )
+        ids[example.id] = number
+        examples.append(example)
     if not examples:
         raise InputError(path, "no records (expected one JSON object per line)")
     return examples
 
 
-def _parse_record(path: Path, number: int, line: str) -> Example:
+def _parse_record(path: Path, number: int, record: dict[str, Any]) -> Example:
     def fail(message: str, field: str | None = None) -> InputError:
         return InputError(path, message, line=number, field=field)
 
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise fail(f"not valid JSON: {e.msg} at column {e.colno}") from e
-    if not isinstance(record, dict):
-        raise fail(f"expected a JSON object, got {type(record).__name__}")
-
-    if ("prompt" in record) == ("messages" in record):
-        raise fail("give exactly one of 'prompt' (text) or 'messages' (chat)", "prompt")
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise fail("must be a non-empty string", "prompt")
-        messages = [{"role": "user", "content": record["prompt"]}]
-    else:
-        messages = _check_messages(record["messages"], fail)
+    messages = chat_messages(path, number, record, roles=_ROLES, prompt_only=True, text_only=True)
 
     if ("answer" in record) == ("reference" in record):
         raise fail("give exactly one of 'answer' or 'reference'", "answer")
@@ -185,21 +168,3 @@ def _parse_record(path: Path, number: int, line: str) -> Example:
         reference=reference,
         metadata={**extra, "source": str(path), "line": number, "split": split},
     )
-
-
-def _check_messages(value: Any, fail: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise fail("must be a non-empty list of {role, content} objects", "messages")
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise fail("must be an object with 'role' and 'content'", where)
-        if message.get("role") not in _ROLES:
-            raise fail(f"role must be one of {', '.join(_ROLES)}", f"{where}.role")
-        if not isinstance(message.get("content"), str):
-            raise fail("must be a string", f"{where}.content")
-    if value[-1]["role"] == "assistant":
-        raise fail(
-            "the prompt must not end with an assistant message", f"messages[{len(value) - 1}]"
-        )
-    return value

@@ -74,7 +74,7 @@ def test_limit_is_a_seeded_subset(tmp_path):
         ("{not json", ":2: not valid JSON"),
         ("[1, 2]", ":2: expected a JSON object"),
         ('{"answer": "1"}', ":2: field 'prompt'"),
-        ('{"prompt": "a", "messages": [], "answer": "1"}', ":2: field 'prompt'"),
+        ('{"prompt": "a", "messages": [], "answer": "1"}', ":2: field 'messages'"),
         ('{"prompt": "", "answer": "1"}', ":2: field 'prompt'"),
         ('{"prompt": "a"}', ":2: field 'answer'"),
         ('{"prompt": "a", "answer": null}', ":2: field 'answer'"),
@@ -123,3 +123,10 @@ def test_bad_rule_and_unknown_task(tmp_path, qa):
         get_task(f"jsonl:{qa}@regex=(")
     with pytest.raises(UserError, match="unknown task 'nope'"):
         get_task("nope")
+
+
+def test_non_utf8_file_is_a_one_line_input_error(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(InputError, match=r"latin1.jsonl:1: not UTF-8"):
+        get_task(f"jsonl:{path}")
