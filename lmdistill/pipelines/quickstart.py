@@ -40,6 +40,8 @@ class QuickstartSettings:
     kd_temperature: float = 1.0
     eval_tasks: tuple[str, ...] = ("arithmetic_1digit",)
     eval_limit: int = 80  # examples per task (the held-out prompts number 88)
+    prompts: Path = PROMPTS  # JSONL with "prompt" and "split" ("train" / "test")
+    measure_cost: bool = True
     progress: bool = True
 
 
@@ -92,7 +94,7 @@ def teacher_responses(s: QuickstartSettings, out: Path) -> None:
     try:
         summary = generate(
             teacher,
-            read_prompts(PROMPTS),
+            read_prompts(s.prompts),
             out,
             SamplingParams(temperature=0.0, max_tokens=s.max_tokens),
             cache=None,
@@ -137,18 +139,34 @@ def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path
         "objectives": objectives,
         "optim": {"lr": s.lr, "warmup_steps": 5, "epochs": s.epochs, "schedule": "cosine"},
         "eval": {"every": 0},
-        "checkpoint": {"every": 0},
+        "checkpoint": {"every": 10, "keep": 1},
         "log": {"progress": s.progress, "tensorboard": False},
     }
     return validate(raw, f"quickstart ({kind})")
 
 
-def quickstart(s: QuickstartSettings = QuickstartSettings()) -> Path:
-    """Run every stage; returns the report dir."""
+def train_stage(config) -> None:
+    """Train, continuing from the last checkpoint of an interrupted run; a run that finished
+    (its final model saved) before the stage was marked done is not trained again."""
+    from lmdistill.training.loop import latest_checkpoint, train
+
+    run_dir = Path(config.run_dir)
+    if (run_dir / "final" / "config.json").exists():
+        return
+    train(config, resume=latest_checkpoint(run_dir) is not None)
+
+
+@dataclass(frozen=True)
+class QuickstartResult:
+    report_dir: Path
+    stages: list[dict[str, Any]]  # stage, status ("ran" / "skipped (done)"), seconds
+
+
+def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult:
+    """Run every stage that is not done yet; returns where the report is and what ran."""
     from lmdistill.eval.base import EvalSettings
     from lmdistill.eval.report import write_report
     from lmdistill.eval.runner import evaluate
-    from lmdistill.training.loop import train
     from lmdistill.training.students import student_from_teacher
 
     start = time.perf_counter()
@@ -183,7 +201,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> Path:
             kind,
             _complete(run_dir / "train.done"),
             lambda kind=kind, run_dir=run_dir: (
-                train(train_config(s, run_dir, untrained, responses, kind)),
+                train_stage(train_config(s, run_dir, untrained, responses, kind)),
                 _mark(run_dir / "train.done", {}),
             ),
         )
@@ -198,10 +216,11 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> Path:
             extra={"sft-only": str(runs["sft"] / "final"), "untrained": str(untrained)},
             settings=EvalSettings(limit=s.eval_limit, max_tokens=s.max_tokens, batch_size=16),
             cache_dir=out / "eval-cache",
+            measure_cost=s.measure_cost,
             run_dir=runs["kd"],
         ),
     )
     log.run("report", lambda: False, lambda: write_report(results, report_dir))
     _say("\nstages:\n" + log.summary())
     _say(f"total {time.perf_counter() - start:.1f}s; report: {report_dir / 'report.md'}")
-    return report_dir
+    return QuickstartResult(report_dir, log.rows)

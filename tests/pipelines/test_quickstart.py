@@ -1,0 +1,48 @@
+"""The quickstart's stages wired end to end on tiny models: every stage runs once, the report has
+every model, and a rerun skips every stage and gives the same scores."""
+
+import json
+
+from lmdistill.pipelines.quickstart import QuickstartSettings, quickstart
+
+
+def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": f"What is {i} + {i}?", "split": "test" if i % 4 == 0 else "train"}
+        for i in range(16)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = QuickstartSettings(
+        out_dir=tmp_path / "qs",
+        teacher=str(tiny_model_dir),
+        student_layers=1,
+        max_tokens=4,
+        epochs=1.0,
+        eval_tasks=("arithmetic_1digit",),
+        eval_limit=4,
+        prompts=prompts,
+        measure_cost=False,
+        progress=False,
+    )
+    first = quickstart(settings)
+    report = first.report_dir
+    assert {r["stage"]: r["status"] for r in first.stages}["kd"] == "ran"
+    data = json.loads((report / "report.json").read_text())
+    rel = next(name for name in data["tasks"] if name.startswith("rel-jsonl:"))
+    assert set(data["tasks"]) == {rel, "arithmetic_1digit"}
+    assert data["tasks"][rel]["n"] == 4  # the held-out split only
+    models = json.loads((report / "report.json").read_text())["models"]
+    assert {"teacher", "student", "sft-only", "untrained"} <= set(models)
+    for kind in ("sft", "kd"):
+        assert (tmp_path / "qs" / "runs" / kind / "final" / "config.json").exists()
+
+    again = quickstart(settings)
+    status = {r["stage"]: r["status"] for r in again.stages}
+    for stage in ("responses", "student", "sft", "kd"):
+        assert status[stage] == "skipped (done)"
+    # Evaluation reruns, answered from its cache: the same scores.
+    rerun = json.loads((again.report_dir / "report.json").read_text())["tasks"]
+    roles = ("teacher", "student", "sft-only", "untrained")
+    for name, task in data["tasks"].items():
+        assert [rerun[name][r] for r in roles] == [task[r] for r in roles]
