@@ -166,8 +166,9 @@ def sparse_teacher_log_probs(
     vocab: int,
     temperature: float,
     dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Dense (K, V) teacher log-probs at temperature T from a top-k teacher.
+    """Dense (K, V) teacher log-probs at temperature T from a top-k teacher (into `out` if given).
 
     Semantics: the teacher's top-k log-probs (at T = 1, as an API or cache gives them) are divided
     by T and renormalised over the k tokens; every other token has probability 0. This equals
@@ -178,7 +179,10 @@ def sparse_teacher_log_probs(
     tl = teacher_logprobs.to(dtype) / temperature
     # A row with no known token (all -inf) keeps zero mass instead of becoming NaN.
     tl = tl - torch.logsumexp(tl, dim=-1, keepdim=True).clamp_(min=LOG_FLOOR)
-    out = torch.full((tl.shape[0], vocab), LOG_FLOOR, dtype=dtype, device=tl.device)
+    if out is None:
+        out = torch.full((tl.shape[0], vocab), LOG_FLOOR, dtype=dtype, device=tl.device)
+    else:
+        out.fill_(LOG_FLOOR)
     return out.scatter_reduce_(1, teacher_ids.long(), tl, reduce="amax", include_self=True)
 
 

@@ -123,6 +123,7 @@ def soft_term_and_grad(
     skew: float = 0.1,
     need_grad: bool = True,
     floor: bool = True,
+    scratch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-position divergence (N,) and its gradient (N, V) with respect to the student's tempered
     logits z (where log_q = log_softmax(z)).
@@ -134,13 +135,14 @@ def soft_term_and_grad(
     For forward KL that simplifies to q - p.
 
     `floor=False` skips flooring the log-probs at LOG_FLOOR: safe (and two passes cheaper) when no
-    input is -inf, e.g. log-probs of logits computed by a matmul.
+    input is -inf, e.g. log-probs of logits computed by a matmul. `scratch`, a free (N, V)
+    buffer, receives p for forward KL instead of a new allocation.
     """
     if floor:
         log_q.clamp_(min=LOG_FLOOR)
         log_p.clamp_(min=LOG_FLOOR)
     if divergence == "forward_kl":
-        p = log_p.exp()
+        p = torch.exp(log_p, out=scratch) if scratch is not None else log_p.exp()
         value = rowdot(p, log_p) - rowdot(p, log_q)
         if not need_grad:
             return value, None

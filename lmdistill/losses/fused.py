@@ -33,7 +33,7 @@ from lmdistill.losses.distill import (
     denominator,
     sparse_teacher_log_probs,
 )
-from lmdistill.losses.divergences import LossConfigError, rowdot, soft_term_and_grad
+from lmdistill.losses.divergences import LossConfigError, soft_term_and_grad
 
 # Elements of one (rows, V) workspace buffer. Four such buffers are reused across chunks (allocated
 # once per call: a fresh large allocation costs page faults every time, ~2.5x the work of the op that
@@ -88,21 +88,17 @@ def rows_loss_and_grad(
         total -= (1 - s.alpha) * hard.gather(1, labels.unsqueeze(1)).sum()
     grad: Tensor | None = None
     if log_q is not None:
-        if s.divergence == "forward_kl":
-            # The common case, inline: z's storage holds p, dz = q - p lands in log_q's.
-            p = torch.exp(log_p, out=z)
-            soft = rowdot(p, log_p) - rowdot(p, log_q)
-            dz = log_q.exp_().sub_(p) if need_grad else None
-        else:
-            soft, dz = soft_term_and_grad(
-                log_q,
-                log_p,
-                s.divergence,
-                beta=s.beta,
-                skew=s.skew,
-                need_grad=need_grad,
-                floor=False,
-            )
+        # z is free by now: forward KL writes p into it instead of allocating.
+        soft, dz = soft_term_and_grad(
+            log_q,
+            log_p,
+            s.divergence,
+            beta=s.beta,
+            skew=s.skew,
+            need_grad=need_grad,
+            floor=False,
+            scratch=z,
+        )
         total += s.alpha * s.temperature**2 * soft.sum()
         if dz is not None:
             grad = dz.mul_(s.alpha * s.temperature)  # d/ds = T^2 * dD/dz * (1 / T)
@@ -137,10 +133,14 @@ class _SparseTeacher:
     def log_probs(
         self, start: int, stop: int, temperature: float, out: Tensor, tmp: Tensor
     ) -> Tensor:
-        dense = sparse_teacher_log_probs(
-            self.ids[start:stop], self.logprobs[start:stop], self.vocab, temperature, out.dtype
+        return sparse_teacher_log_probs(
+            self.ids[start:stop],
+            self.logprobs[start:stop],
+            self.vocab,
+            temperature,
+            out.dtype,
+            out=out,
         )
-        return out.copy_(dense)
 
 
 def _matmul_into(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:

@@ -51,8 +51,10 @@ class StageLog:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def run(self, name: str, done: Callable[[], bool], work: Callable[[], Any]) -> Any:
-        if done():
+    def run(self, name: str, work: Callable[[], Any], done_marker: Path | None = None) -> Any:
+        """Run `work` unless `done_marker` exists; write the marker when it finishes. Without a
+        marker the stage always runs (cheap stages, or ones with their own cache)."""
+        if done_marker is not None and done_marker.exists():
             self.rows.append({"stage": name, "status": "skipped (done)", "seconds": 0.0})
             _say(f"[{name}] already done, skipped")
             return None
@@ -60,6 +62,8 @@ class StageLog:
         start = time.perf_counter()
         out = work()
         seconds = time.perf_counter() - start
+        if done_marker is not None:
+            _mark(done_marker)
         self.rows.append({"stage": name, "status": "ran", "seconds": round(seconds, 1)})
         _say(f"[{name}] done in {seconds:.1f}s")
         return out
@@ -73,15 +77,9 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _complete(marker: Path) -> Callable[[], bool]:
-    return marker.exists
-
-
-def _mark(path: Path, payload: dict[str, Any]) -> None:
+def _mark(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    path.touch()
 
 
 def teacher_responses(s: QuickstartSettings, out: Path) -> None:
@@ -179,36 +177,23 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
     untrained = out / "students" / "untrained"
     runs = {kind: out / "runs" / kind for kind in ("sft", "kd")}
 
-    log.run(
-        "responses",
-        _complete(out / "data" / "responses.done"),
-        lambda: (
-            teacher_responses(s, responses),
-            held_out_file(responses, held_out),
-            _mark(out / "data" / "responses.done", {}),
-        ),
-    )
+    def responses_stage() -> None:
+        teacher_responses(s, responses)
+        held_out_file(responses, held_out)
+
+    log.run("responses", responses_stage, out / "data" / "responses.done")
     log.run(
         "student",
-        _complete(untrained / "student.done"),
-        lambda: _mark(
-            untrained / "student.done",
-            asdict(student_from_teacher(s.teacher, layers=s.student_layers, out_dir=untrained)),
-        ),
+        lambda: student_from_teacher(s.teacher, layers=s.student_layers, out_dir=untrained),
+        untrained / "student.done",
     )
     for kind, run_dir in runs.items():
-        log.run(
-            kind,
-            _complete(run_dir / "train.done"),
-            lambda kind=kind, run_dir=run_dir: (
-                train_stage(train_config(s, run_dir, untrained, responses, kind)),
-                _mark(run_dir / "train.done", {}),
-            ),
-        )
+        config = train_config(s, run_dir, untrained, responses, kind)
+        log.run(kind, lambda config=config: train_stage(config), run_dir / "train.done")
     report_dir = out / "report"
+    # Evaluation always runs: evaluate() caches per (model, task, settings), so a rerun is cheap.
     results = log.run(
         "eval",
-        lambda: False,  # cheap when cached: evaluate() caches per (model, task, settings)
         lambda: evaluate(
             str(runs["kd"] / "final"),
             [f"rel-jsonl:{held_out}", *s.eval_tasks],
@@ -220,7 +205,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
             run_dir=runs["kd"],
         ),
     )
-    log.run("report", lambda: False, lambda: write_report(results, report_dir))
+    log.run("report", lambda: write_report(results, report_dir))
     _say("\nstages:\n" + log.summary())
     _say(f"total {time.perf_counter() - start:.1f}s; report: {report_dir / 'report.md'}")
     return QuickstartResult(report_dir, log.rows)
