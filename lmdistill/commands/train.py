@@ -36,13 +36,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue the run in run_dir from its last checkpoint (same recipe)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe and the plan; load no model, read no data",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmdistill.training.config import load_config
+    from lmdistill.training.config import describe_plan, dump, load_config
 
     config = load_config(args.recipe, args.overrides)  # validate before the heavy imports
+    if args.dry_run:
+        print(dump(config))
+        print(describe_plan(config))
+        return 0
 
     from transformers.utils import logging as hf_logging
 

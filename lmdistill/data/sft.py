@@ -23,17 +23,36 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lmdistill.data.jsonl import iter_jsonl
+from lmdistill.data.tool_format import (
+    plain_messages,
+    render_tool_chat,
+    supports_native_tools,
+    uses_tools,
+)
 from lmdistill.errors import InputError, UserError
+
+if TYPE_CHECKING:
+    from lmdistill.data.cross_tokenizer import TeacherRows
 
 IGNORE_INDEX = -100
 Message = dict[str, Any]
+
+
+class Conversation(list):
+    """A list of messages that also carries the tool schemas the conversation was held with
+    (`tools`, OpenAI function shape, or None). `render` and `assistant_spans` read them, so tool
+    records go through `encode` unchanged; pass this object itself, not a copy."""
+
+    def __init__(self, messages=(), tools: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(messages)
+        self.tools = tools
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,9 @@ class Example:
     input_ids: list[int]  # (T,)
     targets: list[int]  # (T,) aligned next-token targets, IGNORE_INDEX where there is no loss
     index: int
+    # (T,) per-position loss weights (see `span_weights`); None means all 1, so data without
+    # span weights (and the teacher caches made from it) are unchanged.
+    weights: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -59,8 +81,14 @@ def conversation(record: dict[str, Any], path: str | Path, line: int) -> list[Me
 
     Accepted shapes: the generate pipeline's output (`messages` = the prompt, `response` = the
     teacher's answer), `prompt` (a string) + `response`, or `messages` that already hold one or
-    more assistant turns (every assistant turn is trained on)."""
+    more assistant turns (every assistant turn is trained on).
+
+    Tool use (OpenAI function-calling shape, see lmdistill.data.tool_format): an optional `tools`
+    list of function schemas, assistant messages with `tool_calls` (their content may be null),
+    and `tool` messages with the results. Such a record comes back as a `Conversation` carrying
+    its `tools`; only the assistant turns (calls and answers) are trained on, never the results."""
     response = record.get("response")
+    tools = _check_tools(record, path, line)
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -72,6 +100,10 @@ def conversation(record: dict[str, Any], path: str | Path, line: int) -> list[Me
                 raise InputError(
                     path, "must be an object with a 'role'", line=line, field=f"messages[{i}]"
                 )
+            if message.get("tool_calls") is not None and message["role"] == "assistant":
+                _check_tool_calls(message["tool_calls"], path, line, f"messages[{i}].tool_calls")
+                if message.get("content") is None:
+                    continue  # a call without text
             if not isinstance(message.get("content"), str):
                 raise InputError(
                     path, "must be a string", line=line, field=f"messages[{i}].content"
@@ -92,25 +124,84 @@ def conversation(record: dict[str, Any], path: str | Path, line: int) -> list[Me
                 line=line,
                 field="response",
             )
-        return [*messages, {"role": "assistant", "content": response}]
-    if not any(m["role"] == "assistant" for m in messages):
+        messages = [*messages, {"role": "assistant", "content": response}]
+    elif not any(m["role"] == "assistant" for m in messages):
         raise InputError(
             path,
             "no assistant turn to train on: add a 'response' or an assistant message",
             line=line,
             field="messages",
         )
+    if tools is not None or uses_tools(messages):
+        return Conversation(messages, tools)
     return messages
 
 
+def _check_tools(record: dict[str, Any], path: str | Path, line: int) -> list[dict] | None:
+    """A record's `tools` (function schemas), None when it has none."""
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise InputError(path, "must be a list of function schemas", line=line, field="tools")
+    for j, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError(
+                path,
+                'must be {"type": "function", "function": {"name", "description", "parameters"}}',
+                line=line,
+                field=f"tools[{j}]",
+            )
+    return tools
+
+
+def _check_tool_calls(calls: Any, path: str | Path, line: int, where: str) -> None:
+    if not isinstance(calls, list):
+        raise InputError(path, "must be a list of calls", line=line, field=where)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InputError(
+                path,
+                'must be {"id", "type": "function", "function": {"name", "arguments"}}',
+                line=line,
+                field=f"{where}[{j}]",
+            )
+        if not isinstance(function.get("arguments", ""), str | dict):
+            raise InputError(
+                path,
+                "must be a JSON string (or an object)",
+                line=line,
+                field=f"{where}[{j}].function.arguments",
+            )
+
+
 # ---------------------------------------------------------------------------------- rendering
-def render(tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+def render(
+    tokenizer,
+    messages: Sequence[Message],
+    *,
+    add_generation_prompt: bool,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> str:
     """The chat template's text for `messages`. With tokenize=False transformers returns the
     string (with tokenize=True, transformers 5 returns a BatchEncoding); the text is tokenized
-    separately, once, so the template's special tokens are not doubled by add_special_tokens."""
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    separately, once, so the template's special tokens are not doubled by add_special_tokens.
+
+    A tool-use conversation (`tools`, by default those a `Conversation` carries, or messages with
+    tool calls or results) is rendered by `tool_format.render_tool_chat`: natively when the
+    template supports tools, else in the documented fallback convention."""
+    if tools is None:
+        tools = getattr(messages, "tools", None)
+    if tools is not None or uses_tools(messages):
+        text = render_tool_chat(
+            tokenizer, messages, tools, add_generation_prompt=add_generation_prompt
+        )
+    else:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     if not isinstance(text, str):
         raise UserError("the tokenizer's apply_chat_template(tokenize=False) did not return text")
     return text
@@ -125,18 +216,25 @@ def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[t
     model stops at the end-of-turn token and never generates that newline). This works for any
     template whose renderings of successive prefixes extend each other; a template that rewrites
     earlier turns (e.g. dropping earlier reasoning) is refused with a clear error instead of
-    getting a wrong mask."""
+    getting a wrong mask.
+
+    Tool use: with a template that renders tools natively, the prefixes are rendered with the
+    tools; otherwise the conversation is first rewritten in the fallback convention, where calls
+    are assistant text and results are user turns, so results never carry the loss."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the student's tokenizer has no chat template; SFT data is rendered with it"
         )
-    full = render(tokenizer, messages, add_generation_prompt=False)
+    tools = getattr(messages, "tools", None)
+    if (tools is not None or uses_tools(messages)) and not supports_native_tools(tokenizer):
+        messages, tools = plain_messages(messages, tools), None
+    full = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise UserError(
                 "the chat template renders a conversation differently from its prefixes, so the "
@@ -149,10 +247,19 @@ def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[t
 
 
 def encode(
-    tokenizer, messages: Sequence[Message], *, max_length: int, index: int
+    tokenizer,
+    messages: Sequence[Message],
+    *,
+    max_length: int,
+    index: int,
+    span_weights: SpanWeights | None = None,
+    answer_start: int | None = None,
 ) -> Example | None:
     """Tokenize a conversation with loss on its assistant tokens, truncated to `max_length`
-    tokens (the end is cut). None when no assistant token survives the truncation."""
+    tokens (the end is cut). None when no assistant token survives the truncation.
+
+    span_weights, answer_start: per-position loss weights for the reasoning and the final answer
+    of the last assistant turn (the response); see `SpanWeights`."""
     text, spans = assistant_spans(tokenizer, messages)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("training needs a fast (Rust) tokenizer: it maps tokens to characters")
@@ -170,7 +277,57 @@ def encode(
         targets[t] = ids[t + 1]
     if all(t == IGNORE_INDEX for t in targets):
         return None
-    return Example(input_ids=ids, targets=targets, index=index)
+    weights = None
+    if span_weights is not None:
+        answer = None
+        if answer_start is not None:
+            answer = answer_offset(text, spans, messages, answer_start)
+        weights = position_weights(starts, targets, answer, span_weights)
+    return Example(input_ids=ids, targets=targets, index=index, weights=weights)
+
+
+# --------------------------------------------------------------------------- span loss weights
+@dataclass(frozen=True)
+class SpanWeights:
+    """Loss weights of the reasoning and the final answer of a response (issue #5).
+
+    Records from the reasoning filter carry `answer_start`, the character offset in `response`
+    where the final-answer line starts. A trained token is in the answer when its first character
+    is at or after it, and reasoning otherwise (earlier assistant turns included); without an
+    `answer_start` the whole response is reasoning."""
+
+    reasoning: float = 1.0
+    answer: float = 1.0
+
+
+def answer_offset(
+    text: str, spans: Sequence[tuple[int, int]], messages: Sequence[Message], answer_start: int
+) -> int:
+    """Where the final answer starts in the rendered `text`: the start of the last assistant span
+    (the response) plus `answer_start`. Checked against the response's text, so a template that
+    does not render the response verbatim is an error rather than a shifted answer span."""
+    response = next(m for m in reversed(messages) if m["role"] == "assistant")["content"]
+    start = spans[-1][0]
+    if text[start : start + answer_start] != response[:answer_start]:
+        raise UserError(
+            "answer_start: the chat template does not render the response verbatim at the start "
+            "of its assistant turn, so the answer's position in the tokens is unknown"
+        )
+    return start + answer_start
+
+
+def position_weights(
+    starts: np.ndarray, targets: Sequence[int], answer: int | None, span_weights: SpanWeights
+) -> list[float] | None:
+    """(T,) loss weights: position t predicts token t + 1, so it takes that token's weight (answer
+    when the token starts at or after the character offset `answer`). Positions without a target
+    get 1. None when every weight is 1 (the example then looks like one without span weights)."""
+    in_answer = np.zeros(len(targets), dtype=bool)
+    if answer is not None:
+        in_answer[:-1] = starts[1:] >= answer
+    weights = np.where(in_answer, span_weights.answer, span_weights.reasoning)
+    weights[np.asarray(targets) == IGNORE_INDEX] = 1.0
+    return None if (weights == 1.0).all() else weights.tolist()
 
 
 @dataclass
@@ -184,12 +341,18 @@ class SftData:
 
 
 def load_examples(
-    path: str | Path, tokenizer, *, max_length: int, split: str | None = None
+    path: str | Path,
+    tokenizer,
+    *,
+    max_length: int,
+    split: str | None = None,
+    span_weights: SpanWeights | None = None,
 ) -> SftData:
     """Every record of a JSONL file as an `Example` (see `conversation` for the shapes).
 
     split: keep only records whose `split` field equals it (the bundled prompt set marks held-out
-    prompts with split="test"; those must never be trained on)."""
+    prompts with split="test"; those must never be trained on).
+    span_weights: weigh the loss of reasoning and final-answer tokens (records' `answer_start`)."""
     if max_length < 2:
         raise UserError(f"max_length must be >= 2, got {max_length}")
     examples, skipped, filtered, index = [], 0, 0, -1
@@ -198,8 +361,16 @@ def load_examples(
             filtered += 1
             continue
         messages = conversation(record, path, line)
+        answer_start = record_answer_start(record, messages, path, line) if span_weights else None
         try:
-            example = encode(tokenizer, messages, max_length=max_length, index=index)
+            example = encode(
+                tokenizer,
+                messages,
+                max_length=max_length,
+                index=index,
+                span_weights=span_weights,
+                answer_start=answer_start,
+            )
         except UserError as exc:
             raise InputError(path, str(exc), line=line) from None
         if example is None:
@@ -211,6 +382,28 @@ def load_examples(
             f"{path}: no trainable examples (records: {index + 1}, filtered by split: {filtered}, no assistant tokens within max_length: {skipped})"
         )
     return SftData(examples, records=index + 1, skipped=skipped, filtered=filtered)
+
+
+def record_answer_start(
+    record: dict[str, Any], messages: Sequence[Message], path: str | Path, line: int
+) -> int | None:
+    """The record's `answer_start` (None when absent), checked to lie within its response."""
+    answer_start = record.get("answer_start")
+    if answer_start is None:
+        return None
+    response = next(m for m in reversed(messages) if m["role"] == "assistant")["content"]
+    if (
+        not isinstance(answer_start, int)
+        or isinstance(answer_start, bool)
+        or not 0 <= answer_start <= len(response)
+    ):
+        raise InputError(
+            path,
+            f"must be a character offset in the response (0..{len(response)}), got {answer_start!r}",
+            line=line,
+            field="answer_start",
+        )
+    return answer_start
 
 
 def file_digest(path: str | Path) -> str:
@@ -301,7 +494,12 @@ class Batch:
     input_ids, position_ids, targets: (B, T) int64; targets as in `Example`.
     real: (B, T) bool, true on non-padding tokens.
     teacher_ids, teacher_logprobs: (B, T, k) int64 / float32 from an offline cache, filled where
-    targets != IGNORE_INDEX (zeros elsewhere), or None."""
+    targets != IGNORE_INDEX (zeros elsewhere), or None.
+    weights: (B, T) float32 per-position loss weights (`Example.weights`, 1 where an example has
+    none), or None when no example has any.
+    sampled: the targets are the student's own samples (an on-policy step), not the data's.
+    teacher_side: the teacher's own tokenization of these rows and the aligned positions
+    (cross-tokenizer ULD, `data.cross_tokenizer`), or None."""
 
     input_ids: Tensor
     position_ids: Tensor
@@ -309,6 +507,9 @@ class Batch:
     real: Tensor
     teacher_ids: Tensor | None = None
     teacher_logprobs: Tensor | None = None
+    weights: Tensor | None = None
+    sampled: bool = False
+    teacher_side: TeacherRows | None = None
 
     @property
     def tokens(self) -> int:
@@ -320,7 +521,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        return Batch(**{f: None if t is None else t.to(device) for f, t in fields.items()})
+        # Tensors and tensor bundles move; None and flags (`sampled`) stay.
+        return Batch(**{f: t.to(device) if hasattr(t, "to") else t for f, t in fields.items()})
 
 
 # An offline teacher source: example -> (ids (n, k), log-probs (n, k)) for its n loss positions.
@@ -351,10 +553,28 @@ def collate(
             real[b, start:stop] = True
             start = stop
     batch = Batch(input_ids, position_ids, targets, real)
+    batch.weights = _layout_weights(examples, micro_batch, shape)
     if topk is not None:
         laid_out = [examples[i] for row in micro_batch for i in row]
         batch.teacher_ids, batch.teacher_logprobs = _cached_topk(laid_out, targets, topk)
     return batch
+
+
+def _layout_weights(
+    examples: Sequence[Example], micro_batch: MicroBatch, shape: tuple[int, int]
+) -> Tensor | None:
+    """(B, T) loss weights laid out like `collate`'s rows, or None when no example has weights."""
+    if all(examples[i].weights is None for row in micro_batch for i in row):
+        return None
+    weights = torch.ones(shape)
+    for b, row in enumerate(micro_batch):
+        start = 0
+        for i in row:
+            ex = examples[i]
+            if ex.weights is not None:
+                weights[b, start : start + len(ex)] = torch.tensor(ex.weights)
+            start += len(ex)
+    return weights
 
 
 def _cached_topk(

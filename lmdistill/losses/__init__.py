@@ -16,12 +16,14 @@ from lmdistill.losses.fused import (
     fused_sparse_distillation_loss,
 )
 from lmdistill.losses.hidden import HiddenProjection, hidden_state_loss
+from lmdistill.losses.uld import chunked_uld_loss, uld_loss
 
 __all__ = [
     "DIVERGENCES",
     "DistillSettings",
     "HiddenProjection",
     "LossConfigError",
+    "chunked_uld_loss",
     "default_chunk_size",
     "distillation_loss",
     "fused_distillation_loss",
@@ -29,4 +31,5 @@ __all__ = [
     "hidden_state_loss",
     "shift_labels",
     "sparse_distillation_loss",
+    "uld_loss",
 ]

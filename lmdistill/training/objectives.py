@@ -8,6 +8,8 @@ processes), so a step's gradient is the same however it is split into micro-batc
     logits   KD on the teacher's distribution, online (teacher hidden states + LM head, fused: the
              (tokens, V) logits are never materialized) or from an offline top-k cache
     hidden   hidden-state KD through learned projections on mapped layer pairs
+    uld      Universal Logit Distillation from a teacher with another tokenizer (sorted-probability
+             L1 on response positions aligned by index) mixed with CE
 
 Decoder bodies are called directly (`model.get_decoder()`), so the forward returns the final,
 normed hidden state and the LM head is applied chunk by chunk inside the fused losses.
@@ -28,7 +30,13 @@ from lmdistill.losses import (
     fused_sparse_distillation_loss,
     hidden_state_loss,
 )
-from lmdistill.training.config import HiddenObjective, LogitsObjective, SftObjective
+from lmdistill.losses.uld import chunked_uld_loss
+from lmdistill.training.config import (
+    HiddenObjective,
+    LogitsObjective,
+    SftObjective,
+    UldObjective,
+)
 from lmdistill.training.evaluate import batch_sums
 from lmdistill.training.signals import Counts, Signals, cross_entropy, forward_signals
 
@@ -48,12 +56,20 @@ class Sft(nn.Module):
         self, batch: Batch, student: Signals, teacher: Signals | None, counts: Counts
     ) -> Tensor:
         return cross_entropy(
-            student.hidden, student.head, batch.targets, num_items=counts.loss_tokens
+            student.hidden,
+            student.head,
+            batch.targets,
+            num_items=counts.loss_tokens,
+            weights=batch.weights,
         )
 
 
 class Logits(nn.Module):
-    """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE, on the assistant tokens."""
+    """alpha * T^2 * D(teacher || student) + (1 - alpha) * CE, on the assistant tokens.
+
+    On the student's own samples (an on-policy step, `batch.sampled`) alpha is 1: cross-entropy
+    on them would only reinforce the student's choices; GKD (arXiv:2306.13649) trains on the
+    divergence alone there."""
 
     student_layers: tuple[int, ...] = ()
     teacher_layers: tuple[int, ...] = ()
@@ -71,10 +87,11 @@ class Logits(nn.Module):
         common = dict(
             divergence=s.divergence,
             temperature=s.temperature,
-            alpha=s.alpha,
+            alpha=1.0 if batch.sampled else s.alpha,
             beta=s.beta,
             skew=s.skew,
             num_items=counts.loss_tokens,
+            weights=batch.weights,
         )
         if self.cached:
             return fused_sparse_distillation_loss(
@@ -156,6 +173,57 @@ def check_layer_map(layer_map: dict[int, int], student_layers: int, teacher_laye
             raise UserError(
                 f"hidden-state KD: layer_map value {t} is not a teacher layer (0..{teacher_layers - 1})"
             )
+
+
+class Uld(nn.Module):
+    """alpha * ULD(teacher, student) + (1 - alpha) * CE on the student's own tokens, for a teacher
+    with another tokenizer (Boizard et al. 2024, arXiv:2402.12030; `lmdistill.losses.uld`).
+
+    The teacher's signals are a `CrossTokenizerTeacher`'s: its hidden states at the aligned
+    response positions only, (M, Ht), paired with the student positions
+    `batch.teacher_side.student_rows`. Both terms divide by the step's global count of the
+    student's response tokens, so alpha mixes two per-token averages (positions beyond the shorter
+    response add nothing to the ULD sum)."""
+
+    student_layers: tuple[int, ...] = ()
+    teacher_layers: tuple[int, ...] = ()
+    needs_teacher = True
+
+    def __init__(self, settings: UldObjective) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def forward(
+        self, batch: Batch, student: Signals, teacher: Signals | None, counts: Counts
+    ) -> Tensor:
+        s = self.settings
+        total = student.hidden.new_zeros((), dtype=torch.float32)
+        if s.alpha < 1:
+            ce = cross_entropy(
+                student.hidden,
+                student.head,
+                batch.targets,
+                num_items=counts.loss_tokens,
+                weights=batch.weights,
+            )
+            total = total + (1 - s.alpha) * ce
+        if s.alpha > 0:
+            if teacher is None or batch.teacher_side is None:
+                raise UserError(
+                    "uld: the batch has no teacher-side rows (no cross-tokenizer teacher)"
+                )
+            hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
+            uld = chunked_uld_loss(
+                hidden[batch.teacher_side.student_rows],
+                student.head,
+                teacher.hidden,
+                teacher.head,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                num_items=counts.loss_tokens,
+            )
+            total = total + s.alpha * uld
+        return total
 
 
 class DistillModule(nn.Module):

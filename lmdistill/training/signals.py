@@ -62,11 +62,17 @@ def forward_signals(model: nn.Module, batch: Batch, layers: Sequence[int] = ()) 
 
 
 def cross_entropy(
-    hidden: Tensor, head: Tensor, targets: Tensor, *, num_items: Tensor | float | None
+    hidden: Tensor,
+    head: Tensor,
+    targets: Tensor,
+    *,
+    num_items: Tensor | float | None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of the logits hidden @ head.T against targets, chunked (no (N, V) logits).
 
-    hidden (..., H), head (V, H), targets (...) with -100 where there is no loss. This is the hard
+    hidden (..., H), head (V, H), targets (...) with -100 where there is no loss, weights (...)
+    per-position loss weights or None (the denominator stays `num_items`). This is the hard
     term of the fused top-k loss at alpha = 0: its soft term has weight zero, so the one-token
     "teacher" it is handed (the targets themselves) never enters the value or the gradient."""
     ids = targets.clamp(min=0).unsqueeze(-1)
@@ -79,4 +85,5 @@ def cross_entropy(
         alpha=0.0,
         temperature=1.0,
         num_items=num_items,
+        weights=weights,
     )

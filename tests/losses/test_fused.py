@@ -186,12 +186,12 @@ def test_never_holds_more_than_one_chunk_of_logits(monkeypatch):
     storages: set[int] = set()
     real = fused_module.rows_loss_and_grad
 
-    def spy(z, log_p, lbl, s, scratch, *, need_grad):
+    def spy(z, log_p, lbl, s, scratch, *, need_grad, weights=None):
         rows_seen.append(z.shape[0])
         for t in (z, log_p, *scratch):
             assert t.shape == z.shape
             storages.add(t.untyped_storage().data_ptr())
-        return real(z, log_p, lbl, s, scratch, need_grad=need_grad)
+        return real(z, log_p, lbl, s, scratch, need_grad=need_grad, weights=weights)
 
     monkeypatch.setattr(fused_module, "rows_loss_and_grad", spy)
     loss = fused_distillation_loss(hidden, weight, t_hidden, t_weight, labels, chunk_size=8)
@@ -224,3 +224,106 @@ def test_fused_errors():
         )
     with pytest.raises(LossConfigError, match="teacher ids"):
         fused_sparse_distillation_loss(hidden, weight, ids + 1000, torch.zeros(ids.shape), labels)
+
+
+# ------------------------------------------------------------------------------ per-row weights
+def sparse_top(t_hidden, t_weight, k):
+    logprobs, ids = torch.log_softmax(t_hidden @ t_weight.T, -1).topk(k, dim=-1)
+    return ids, logprobs
+
+
+def grads_of(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("kind", ["reference", "fused", "sparse", "fused_sparse"])
+def test_all_one_weights_equal_no_weights_bitwise(kind):
+    hidden, weight, t_hidden, t_weight, labels = inputs()
+    ids, logprobs = sparse_top(t_hidden, t_weight, 5)
+    kw = dict(divergence="jsd", temperature=2.0, alpha=0.5)
+
+    def loss(weights):
+        if kind == "reference":
+            return distillation_loss(
+                hidden @ weight.T, t_hidden @ t_weight.T, labels, weights=weights, **kw
+            )
+        if kind == "sparse":
+            return sparse_distillation_loss(
+                hidden @ weight.T, ids, logprobs, labels, weights=weights, **kw
+            )
+        if kind == "fused":
+            return fused_distillation_loss(
+                hidden, weight, t_hidden, t_weight, labels, weights=weights, chunk_size=7, **kw
+            )
+        return fused_sparse_distillation_loss(
+            hidden, weight, ids, logprobs, labels, weights=weights, chunk_size=7, **kw
+        )
+
+    plain, ones = loss(None), loss(torch.ones(labels.shape))
+    assert torch.equal(plain, ones)
+    for a, b in zip(
+        grads_of(plain, [hidden, weight]), grads_of(ones, [hidden, weight]), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_weighted_fused_equals_weighted_reference(divergence, alpha):
+    hidden, weight, t_hidden, t_weight, labels = inputs(seed=3)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(4)) * 2
+    kw = dict(divergence=divergence, temperature=1.5, alpha=alpha, weights=weights, num_items=40)
+    want = distillation_loss(hidden @ weight.T, t_hidden @ t_weight.T, labels, **kw)
+    got = fused_distillation_loss(hidden, weight, t_hidden, t_weight, labels, chunk_size=6, **kw)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    for g, w in zip(grads_of(got, [hidden, weight]), grads_of(want, [hidden, weight]), strict=True):
+        assert rel(g, w) < 1e-4
+    if divergence != "reverse_kl":
+        ids, logprobs = sparse_top(t_hidden, t_weight, 6)
+        want = sparse_distillation_loss(hidden @ weight.T, ids, logprobs, labels, **kw)
+        got = fused_sparse_distillation_loss(
+            hidden, weight, ids, logprobs, labels, chunk_size=6, **kw
+        )
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+        for g, w in zip(
+            grads_of(got, [hidden, weight]), grads_of(want, [hidden, weight]), strict=True
+        ):
+            assert rel(g, w) < 1e-4
+
+
+def test_weights_scale_each_rows_loss_and_keep_the_denominator():
+    """Doubling every weight doubles the loss (the denominator is still the token count); a row of
+    weight zero gets no gradient; the weighted loss is the weighted sum of per-row losses / count."""
+    hidden, weight, t_hidden, t_weight, labels = inputs(n=10, pad_every=4)
+    t_logits = t_hidden @ t_weight.T
+    plain = distillation_loss(hidden @ weight.T, t_logits, labels)
+    doubled = fused_distillation_loss(
+        hidden, weight, t_hidden, t_weight, labels, weights=torch.full(labels.shape, 2.0)
+    )
+    torch.testing.assert_close(doubled, 2 * plain)
+    weights = torch.linspace(0, 1.8, 10)
+    per_row = torch.stack(
+        [
+            distillation_loss(hidden[i : i + 1] @ weight.T, t_logits[i : i + 1], labels[i : i + 1])
+            for i in range(10)
+        ]
+    )
+    valid = labels != IGNORE
+    want = (per_row * weights)[valid].sum() / valid.sum()
+    got = fused_distillation_loss(hidden, weight, t_hidden, t_weight, labels, weights=weights)
+    torch.testing.assert_close(got, want)
+    (grad_h,) = torch.autograd.grad(got, [hidden])
+    assert torch.count_nonzero(grad_h[0]) == 0  # weight 0 on row 0
+
+
+def test_bad_weights_are_clear_errors():
+    hidden, weight, t_hidden, t_weight, labels = inputs()
+    with pytest.raises(LossConfigError, match="weights have shape"):
+        fused_distillation_loss(hidden, weight, t_hidden, t_weight, labels, weights=torch.ones(3))
+    with pytest.raises(LossConfigError, match="weights must be floating point"):
+        distillation_loss(
+            hidden @ weight.T,
+            t_hidden @ t_weight.T,
+            labels,
+            weights=torch.ones(labels.shape, dtype=torch.long),
+        )

@@ -1,0 +1,158 @@
+"""On-policy distillation (GKD) in the loop: lambda = 0 is the off-policy run, lambda = 1 trains on
+the student's own samples scored by the teacher, and a resumed run samples the same tokens."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe
+
+from lmdistill.data.sft import IGNORE_INDEX
+from lmdistill.training.config import validate
+from lmdistill.training.evaluate import evaluate
+from lmdistill.training.loop import Trainer, train
+from lmdistill.training.students import load_model_dir
+
+
+def on_policy_config(tmp_path, name, student_dir, teacher_dir, data, on_policy=None, **sections):
+    raw = recipe(
+        tmp_path / name,
+        student_dir,
+        data,
+        teacher={"model": str(teacher_dir)},
+        objectives=[{"kind": "logits", "alpha": 0.5, "temperature": 1.0}],
+        **sections,
+    )
+    if on_policy is not None:
+        raw["on_policy"] = on_policy
+    return validate(raw, name)
+
+
+def sequences(batch):
+    """(input ids, targets) of each packed example of a batch."""
+    out = []
+    for ids, pos, tgt, real in zip(
+        batch.input_ids, batch.position_ids, batch.targets, batch.real, strict=True
+    ):
+        starts = [int(t) for t in torch.nonzero((pos == 0) & real).flatten()]
+        ends = [*starts[1:], int(real.sum())]
+        out += [(ids[a:b].tolist(), tgt[a:b].tolist()) for a, b in zip(starts, ends, strict=True)]
+    return out
+
+
+def test_lambda_zero_reproduces_the_off_policy_run_bitwise(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path
+):
+    optim = {"lr": 1e-2, "steps": 3, "warmup_steps": 1}
+    off = train(on_policy_config(tmp_path, "off", student_dir, teacher_dir, sft_data, optim=optim))
+    zero = train(
+        on_policy_config(
+            tmp_path, "zero", student_dir, teacher_dir, sft_data, {"lambda": 0.0}, optim=optim
+        )
+    )
+    assert [r["loss"] for r in zero.history] == [r["loss"] for r in off.history]
+    assert [r["on_policy"] for r in zero.history] == [0, 0, 0]
+    a, b = load_model_dir(off.final_dir)[0], load_model_dir(zero.final_dir)[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_lambda_one_trains_on_the_students_samples_and_the_loss_falls(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    max_new = 12
+    cfg = on_policy_config(
+        tmp_path,
+        "on",
+        student_dir,
+        teacher_dir,
+        sft_data,
+        {"lambda": 1.0, "max_new_tokens": max_new},
+        optim={"lr": 1e-2, "steps": 10, "warmup_steps": 1},
+    )
+    seen = []
+    original = Trainer.train_step
+
+    def keep(self, batches):
+        seen.append(batches)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", keep)
+    trainer = Trainer(cfg)
+    result = trainer.run()
+
+    data = {}  # prompt -> the data's responses (target tokens) for it
+    for example in trainer.train_examples:
+        first = next(t for t, y in enumerate(example.targets) if y != IGNORE_INDEX)
+        prompt = tuple(example.input_ids[: first + 1])
+        data.setdefault(prompt, set()).add(tuple(y for y in example.targets if y != IGNORE_INDEX))
+    eos = trainer.tokenizer.eos_token_id
+    for batches in seen:
+        assert all(b.sampled for b in batches)
+        for ids, targets in sequences(batches[0]):
+            first = next(t for t, y in enumerate(targets) if y != IGNORE_INDEX)
+            prompt, sampled = tuple(ids[: first + 1]), ids[first + 1 :]
+            assert prompt in data  # a data example's prompt ...
+            assert tuple(sampled) not in data[prompt]  # ... answered by the student, not the data
+            assert [y for y in targets if y != IGNORE_INDEX] == sampled  # loss on every sample
+            assert sampled[-1] == eos or len(sampled) == max_new
+            assert eos not in sampled[:-1]  # cut at the first end-of-turn
+    losses = [r["loss"] for r in result.history]
+    assert all(math.isfinite(x) for x in losses) and all(
+        r["on_policy"] == 1 for r in result.history
+    )
+    assert all(0 < r["sampled_length"] <= max_new for r in result.history)
+    # The loss is taken on new samples every step, from a student whose samples change, so the
+    # curve is noisy; what must fall is the KL to the teacher on fixed tokens: the first step's
+    # samples, and the held-out data.
+    untrained = load_model_dir(student_dir)[0]
+    trained = load_model_dir(result.final_dir)[0]
+    first_samples = seen[0]
+    before = evaluate(untrained, first_samples, trainer.teacher)["kl"]
+    after = evaluate(trained, first_samples, trainer.teacher)["kl"]
+    assert after < 0.8 * before
+    held_out = trainer.eval_batches()
+    assert (
+        evaluate(trained, held_out, trainer.teacher)["kl"]
+        < 0.8 * evaluate(untrained, held_out, trainer.teacher)["kl"]
+    )
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_on_policy_run_samples_and_trains_the_same(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    # seed 2 and lambda 0.5 pick steps 3 and 4 (1-based) as on-policy: both after the checkpoint.
+    sections = dict(seed=2, optim={"lr": 1e-2, "steps": 4}, checkpoint={"every": 2, "keep": 1})
+    on_policy = {"lambda": 0.5, "max_new_tokens": 8}
+    full = train(
+        on_policy_config(
+            tmp_path, "full", student_dir, teacher_dir, sft_data, on_policy, **sections
+        )
+    )
+    assert [r["on_policy"] for r in full.history] == [0, 0, 1, 1]
+
+    crashed = on_policy_config(
+        tmp_path, "crashed", student_dir, teacher_dir, sft_data, on_policy, **sections
+    )
+    original = Trainer.train_step
+
+    def crash_at_step_4(self, batches):
+        if self.step == 3:
+            raise Crash
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
+    with pytest.raises(Crash):
+        train(crashed)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = train(crashed, resume=True)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for key in ("loss", "sampled_length"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in full.history[2:]]
