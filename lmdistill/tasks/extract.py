@@ -73,6 +73,19 @@ def marked_answer(text: str) -> str | None:
     return inner or answer or None
 
 
+def marked_answer_start(text: str) -> int | None:
+    """The character offset where the last answer marker (the one `marked_answer` reads)
+    begins, or None. Markers on one line count from the first ("Final answer: \\boxed{5}"), and
+    a marker that opens its line ("Answer: 5", "**Answer:** 5") from the start of the line."""
+    positions = [p for p, _ in _boxed(text)] + [m.start() for m in _MARKER_LINE.finditer(text)]
+    if not positions:
+        return None
+    last = max(positions)
+    line_start = text.rfind("\n", 0, last) + 1
+    start = min(p for p in positions if p >= line_start)
+    return line_start if not text[line_start:start].strip(" \t*_#>-") else start
+
+
 def _clean(answer: str) -> str:
     answer = answer.strip().strip("*_`").strip()
     if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):

@@ -9,10 +9,12 @@ from lmdistill.tasks.base import Task
 from lmdistill.tasks.humaneval import HumanEval
 from lmdistill.tasks.jsonl import JsonlTask, split_spec
 from lmdistill.tasks.reasoning_gym import BUILTIN, any_dataset_task, builtin_task
+from lmdistill.tasks.tool_use import ToolUseTask
 
 _BUILTINS: dict[str, Callable[[], Task]] = {
     **{name: (lambda name=name: builtin_task(name)) for name in BUILTIN},
     "humaneval": HumanEval,
+    "tool_use": ToolUseTask,
 }
 
 
@@ -25,7 +27,7 @@ def get_task(spec: str) -> Task:
     """The task named by `spec`:
 
     a built-in name         arithmetic_1digit, arithmetic, gsm_symbolic, knights_knaves,
-                            countdown, humaneval
+                            countdown, humaneval, tool_use
     jsonl:PATH[@RULE]       your JSONL file; RULE is number (default), marker, exact or
                             regex=PATTERN (see lmdistill.tasks.jsonl)
     rg:DATASET              any reasoning-gym dataset with its default config
