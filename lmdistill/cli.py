@@ -16,10 +16,12 @@ from lmdistill.errors import UserError
 # `lmdistill --help` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
     "lmdistill.commands.quickstart",
+    "lmdistill.commands.run",
     "lmdistill.commands.generate",
     "lmdistill.commands.serve",
     "lmdistill.commands.cache_logits",
     "lmdistill.commands.train",
+    "lmdistill.commands.self_distill",
     "lmdistill.commands.eval",
 )
 
