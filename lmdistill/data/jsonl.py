@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -229,16 +229,33 @@ class JsonlAppender:
 
 def write_json_atomic(path: str | Path, value: Any) -> None:
     """Write a JSON file so that readers see the old or the new content, never a mix."""
-    path = Path(path)
+
+    def write(handle: BinaryIO) -> None:
+        handle.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    _write_atomic(Path(path), write)
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write a whole JSONL file so that readers see the old or the new file, never a part."""
+
+    def write(handle: BinaryIO) -> None:
+        for record in records:
+            handle.write(encode_line(record))
+
+    _write_atomic(Path(path), write)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary output file

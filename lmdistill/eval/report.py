@@ -279,7 +279,7 @@ def all_tables(results: EvalResults) -> list[Table]:
 
 
 # -------------------------------------------------------------------------------- plots
-def _png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -324,7 +324,7 @@ def plot_scores(results: EvalResults) -> bytes | None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     ax.set_title("Scores per task")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_retention_vs_size(results: EvalResults) -> bytes | None:
@@ -378,7 +378,7 @@ def plot_retention_vs_size(results: EvalResults) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title("Retention vs size")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -431,7 +431,7 @@ def plot_training(run_dir: Path) -> bytes | None:
         ax.grid(alpha=0.3)
     fig.suptitle("Training curves")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def all_plots(results: EvalResults) -> dict[str, bytes]:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmdistill.data.jsonl import write_json_atomic
+from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
 from lmdistill.errors import UserError
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
@@ -425,17 +425,8 @@ def make_prompts(p: PromptsStage, out: Path) -> str:
 
             for record in records:
                 record["messages"] = apply_template(record["messages"], p.template)
-    _write_jsonl_atomic(out, records)
+    write_jsonl_atomic(out, records)
     return f"{len(records)} prompts"
-
-
-def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def _load_teacher(recipe: RunRecipe, **extra: Any):
@@ -497,7 +488,7 @@ def _held_out(responses: Path, out: Path) -> None:
     from lmdistill.data.jsonl import iter_jsonl
 
     held = [record for _, record in iter_jsonl(responses) if record.get("split") == "test"]
-    _write_jsonl_atomic(out, held)
+    write_jsonl_atomic(out, held)
 
 
 def tool_subset(names: list[str]):

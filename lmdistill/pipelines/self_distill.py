@@ -327,7 +327,8 @@ def _check_run_dir(run_dir: Path, config: SelfDistillConfig) -> None:
 
 
 def _write_prompts(path: Path, task, prompts: TrainPrompts | EvalSet, template: str | None) -> None:
-    from lmdistill.skills.reasoning import task_prompts, write_jsonl_atomic
+    from lmdistill.data.jsonl import write_jsonl_atomic
+    from lmdistill.skills.reasoning import task_prompts
 
     if path.exists():  # the same every round and every rerun (a function of the config)
         return
@@ -454,9 +455,9 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Greedy answers to the held-out prompts, graded by the task's own score (never by the
     round's reward: the reward may be a proxy; the task score is what the run must improve)."""
+    from lmdistill.data.jsonl import write_jsonl_atomic
     from lmdistill.eval.generation import generate_responses
     from lmdistill.eval.stats import bootstrap_mean_interval
-    from lmdistill.skills.reasoning import write_jsonl_atomic
     from lmdistill.tasks.base import Example
     from lmdistill.teachers.base import SamplingParams
     from lmdistill.teachers.registry import load_teacher
@@ -555,7 +556,7 @@ def plot_rounds(rows: list[dict[str, Any]], task: str) -> bytes:
     """Held-out score per round with its interval, and the sample acceptance rate."""
     from matplotlib.figure import Figure
 
-    from lmdistill.eval.report import _png  # the report's Agg canvas, without pyplot
+    from lmdistill.eval.report import figure_png  # the report's Agg canvas, without pyplot
 
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot()
@@ -574,7 +575,7 @@ def plot_rounds(rows: list[dict[str, Any]], task: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     ax.set_title(f"Self-distillation on {task}")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_outputs(

@@ -14,15 +14,12 @@ output record, and the filter rebuilds the `Example` from them.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmdistill.data.jsonl import describe, encode_line, iter_jsonl, write_json_atomic
+from lmdistill.data.jsonl import describe, iter_jsonl, write_json_atomic, write_jsonl_atomic
 from lmdistill.errors import InputError, UserError
 from lmdistill.tasks.base import Example, Split, Task
 from lmdistill.tasks.extract import marked_answer_start
@@ -343,25 +340,3 @@ def _example(record: dict[str, Any], problem: Problem) -> tuple[Example, str]:
         id=str(prompt_id), messages=messages, reference=record.get("reference"), metadata=metadata
     )
     return example, response
-
-
-def write_jsonl_atomic(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write a whole JSONL file so that readers see the old or the new file, never a part."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for record in records:
-                handle.write(encode_line(record))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

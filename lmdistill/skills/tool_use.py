@@ -19,17 +19,14 @@ trained in its own format whatever the teacher's was.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmdistill.data.jsonl import describe, encode_line, iter_jsonl
+from lmdistill.data.jsonl import describe, iter_jsonl, write_jsonl_atomic
 from lmdistill.data.tool_format import (
     TOOL_CALL_OPEN,
     Message,
@@ -207,28 +204,6 @@ def run_tool_loop(
 ) -> dict[str, Any]:
     """The trace of one example (see `run_tool_loops`, which batches many)."""
     return run_tool_loops(model, [example], tools, max_turns=max_turns, params=params)[0]
-
-
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
-    """Write a JSONL file so that readers see the old or the new content, never a part."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for record in records:
-                handle.write(encode_line(record))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def generate_tool_traces(
