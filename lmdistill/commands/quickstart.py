@@ -12,8 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="distill the bundled teacher into a 4x smaller student and report what it kept",
         description=(
             "Distill the bundled SmolLM2-135M-Instruct teacher into a student built from 7 of its "
-            "30 layers: teacher responses to the bundled prompts, then an SFT-only student and a "
-            "response + logit-KD student, then a retention report comparing teacher, KD student, "
+            "30 layers: teacher responses to the bundled prompts and an offline cache of its top-32 "
+            "log-probs, then an SFT-only student and a response + logit-KD student, then a "
+            "retention report comparing teacher, KD student, "
             "SFT-only student and untrained student on held-out prompts. Offline, CPU only, "
             "about 10-15 minutes on 2 cores. Rerunning skips finished stages."
         ),

@@ -5,13 +5,15 @@ Stages (each resumable: rerunning skips finished work):
   1. responses   the teacher answers the bundled prompts (greedy), train and held-out splits
   2. student     a student built from 7 of the teacher's 30 layers (same tokenizer, DistilBERT /
                  Minitron-style initialisation)
-  3. sft         response distillation: the student fine-tuned on the teacher's answers
-  4. kd          response + logit distillation: the same data, plus forward KL to the teacher's
-                 full next-token distribution (the fused loss)
-  5. eval        teacher, KD student, SFT-only student and the untrained student on held-out
+  3. cache       the teacher's top-32 log-probs for every response token (offline cache)
+  4. sft         response distillation: the student fine-tuned on the teacher's answers
+  5. kd          response + logit distillation: the same data, plus forward KL to the teacher's
+                 top-32 next-token distribution from the cache (the fused sparse loss; no teacher
+                 is loaded while training)
+  6. eval        teacher, KD student, SFT-only student and the untrained student on held-out
                  prompts: teacher-relative agreement/KL, ROUGE-L against the teacher's answers, and
                  a verifiable arithmetic task; cost (size, speed, memory)
-  6. report      report.md / report.html / report.json
+  7. report      report.md / report.html / report.json
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+MAX_LENGTH = 384  # tokens per training example (prompt + response)
 PROMPTS = ASSETS / "prompts.jsonl"
 
 
@@ -33,11 +36,15 @@ class QuickstartSettings:
     out_dir: Path = Path("runs/quickstart")
     teacher: str = "smollm2-135m-instruct"
     student_layers: int = 7  # 7 of 30: ~1/4 of the teacher's non-embedding parameters
+    student_intermediate: int | None = None  # a narrower MLP (channels kept by norm); None: same
     max_tokens: int = 96  # per teacher response
     epochs: float = 3.0
     lr: float = 5e-4
     kd_alpha: float = 0.5  # KD objective: 0.5 * T^2 * KL + 0.5 * CE
     kd_temperature: float = 1.0
+    # KD from an offline top-k cache (no teacher in training; measured here: 2.2x faster steps than
+    # the online teacher, and ROUGE-L 0.263 vs 0.234 on the held-out prompts); None: online.
+    kd_top_k: int | None = 32
     eval_tasks: tuple[str, ...] = ("arithmetic_1digit",)
     eval_limit: int = 80  # examples per task (the held-out prompts number 88)
     prompts: Path = PROMPTS  # JSONL with "prompt" and "split" ("train" / "test")
@@ -126,13 +133,18 @@ def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path
                 "alpha": s.kd_alpha,
             }
         ]
-        teacher = {"model": s.teacher}
+        teacher = {"model": s.teacher} if s.kd_top_k is None else {"cache": str(cache_dir(run_dir))}
     raw = {
         "run_dir": str(run_dir),
         "seed": 0,
         "student": {"model": str(student)},
         "teacher": teacher,
-        "data": {"path": str(data), "split": "train", "max_length": 384, "eval_fraction": 0.05},
+        "data": {
+            "path": str(data),
+            "split": "train",
+            "max_length": MAX_LENGTH,
+            "eval_fraction": 0.05,
+        },
         "batch": {"tokens_per_micro_batch": 1024, "micro_batches_per_step": 1, "packing": True},
         "objectives": objectives,
         "optim": {"lr": s.lr, "warmup_steps": 5, "epochs": s.epochs, "schedule": "cosine"},
@@ -141,6 +153,26 @@ def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path
         "log": {"progress": s.progress, "tensorboard": False},
     }
     return validate(raw, f"quickstart ({kind})")
+
+
+def cache_dir(kd_run_dir: Path) -> Path:
+    """Where the KD run's offline teacher cache lives (next to the run)."""
+    return kd_run_dir.parent / "teacher-cache"
+
+
+def cache_stage(s: QuickstartSettings, data: Path, out: Path) -> None:
+    """The teacher's top-k log-probs on the training data (the data's train split is all that
+    training reads; held-out records are cached too, they are few, and never trained on)."""
+    from lmdistill.teachers.cache import build_cache
+    from lmdistill.teachers.registry import load_teacher
+
+    teacher = load_teacher(s.teacher)
+    try:
+        build_cache(
+            teacher, data, out, top_k=s.kd_top_k, max_length=MAX_LENGTH, progress=s.progress
+        )
+    finally:
+        teacher.close()
 
 
 def train_stage(config) -> None:
@@ -184,9 +216,17 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
     log.run("responses", responses_stage, out / "data" / "responses.done")
     log.run(
         "student",
-        lambda: student_from_teacher(s.teacher, layers=s.student_layers, out_dir=untrained),
+        lambda: student_from_teacher(
+            s.teacher,
+            layers=s.student_layers,
+            intermediate_size=s.student_intermediate,
+            out_dir=untrained,
+        ),
         untrained / "student.done",
     )
+    if s.kd_top_k is not None:
+        cache = cache_dir(runs["kd"])
+        log.run("cache", lambda: cache_stage(s, responses, cache), cache.parent / "cache.done")
     for kind, run_dir in runs.items():
         config = train_config(s, run_dir, untrained, responses, kind)
         log.run(kind, lambda config=config: train_stage(config), run_dir / "train.done")

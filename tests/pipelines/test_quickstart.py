@@ -17,6 +17,8 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(tmp_path, ti
         out_dir=tmp_path / "qs",
         teacher=str(tiny_model_dir),
         student_layers=1,
+        student_intermediate=32,
+        kd_top_k=8,  # KD from the offline cache
         max_tokens=4,
         epochs=1.0,
         eval_tasks=("arithmetic_1digit",),
@@ -39,7 +41,8 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(tmp_path, ti
 
     again = quickstart(settings)
     status = {r["stage"]: r["status"] for r in again.stages}
-    for stage in ("responses", "student", "sft", "kd"):
+    assert {r["stage"]: r["status"] for r in first.stages}["cache"] == "ran"
+    for stage in ("responses", "student", "cache", "sft", "kd"):
         assert status[stage] == "skipped (done)"
     # Evaluation reruns, answered from its cache: the same scores.
     rerun = json.loads((again.report_dir / "report.json").read_text())["tasks"]
