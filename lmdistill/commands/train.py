@@ -25,7 +25,7 @@ unless given an MPI hostfile."""
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a student (SFT, logit or hidden-state distillation) from a recipe",
+        help="train a student from a recipe (SFT, logit, hidden-state, on-policy or cross-tokenizer KD)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
