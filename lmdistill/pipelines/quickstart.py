@@ -112,11 +112,11 @@ def teacher_responses(s: QuickstartSettings, out: Path) -> None:
 
 
 def held_out_file(responses: Path, out: Path) -> None:
-    """The held-out split of the teacher's responses, the reference for teacher-relative metrics."""
-    with responses.open() as src, out.open("w") as dst:
-        for line in src:
-            if json.loads(line).get("split") == "test":
-                dst.write(line)
+    """The responses to prompts marked split 'test' (never trained on): the reference of the
+    teacher-relative metrics. Written atomically."""
+    from lmdistill.data.jsonl import iter_jsonl, write_jsonl_atomic
+
+    write_jsonl_atomic(out, (r for _, r in iter_jsonl(responses) if r.get("split") == "test"))
 
 
 def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path, kind: str):

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,6 +293,8 @@ class Stage:
 
 def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
     """The recipe's stages, in order."""
+    from lmdistill.pipelines.generate import side_path
+
     paths = Paths(Path(recipe.run_dir))
     stages: list[Stage] = []
     teacher = {"teacher": recipe.teacher, "options": _public_options(recipe.teacher_options)}
@@ -317,7 +319,11 @@ def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
                 {**g.model_dump(), **teacher},
                 ["prompts"],
                 [],
-                [paths.responses, paths.held_out, *_generate_sidecars(paths.responses)],
+                [
+                    paths.responses,
+                    paths.held_out,
+                    *(side_path(paths.responses, x) for x in (".meta.json", ".failed.jsonl")),
+                ],
                 lambda: run_generate(recipe, paths),
             )
         )
@@ -387,10 +393,6 @@ def _public_options(options: dict[str, Any]) -> dict[str, Any]:
     """Teacher options as hashed and printed: never a key itself (only the env var's name)."""
     secret = {"api_key", "key", "token", "password"}
     return {k: ("***" if k.lower() in secret else v) for k, v in sorted(options.items())}
-
-
-def _generate_sidecars(out: Path) -> list[Path]:
-    return [out.with_name(out.name + suffix) for suffix in (".meta.json", ".failed.jsonl")]
 
 
 # ------------------------------------------------------------------------------ stage bodies
@@ -478,17 +480,10 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
             line = f"{summary.samples} responses ({summary.generated} new)"
     finally:
         teacher.close()
-    _held_out(paths.responses, paths.held_out)
+    from lmdistill.pipelines.quickstart import held_out_file
+
+    held_out_file(paths.responses, paths.held_out)
     return line
-
-
-def _held_out(responses: Path, out: Path) -> None:
-    """The responses to prompts marked split 'test': the reference of teacher-relative metrics,
-    never trained on (training keeps split 'train' when the recipe says so)."""
-    from lmdistill.data.jsonl import iter_jsonl
-
-    held = [record for _, record in iter_jsonl(responses) if record.get("split") == "test"]
-    write_jsonl_atomic(out, held)
 
 
 def tool_subset(names: list[str]):
@@ -516,7 +511,7 @@ def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
         stats = filter_tool_traces(
             paths.responses, paths.filtered, tool_subset(recipe.generate.tools), task=task
         )
-        write_json_atomic(paths.filtered.with_suffix(".stats.json"), dataclass_dict(stats))
+        write_json_atomic(paths.filtered.with_suffix(".stats.json"), asdict(stats))
         return stats.report()
     from lmdistill.skills.reasoning import filter_file
 
@@ -530,12 +525,6 @@ def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
         dedupe=f.dedupe,
     )
     return stats.report()
-
-
-def dataclass_dict(value: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(value)
 
 
 def run_cache(recipe: RunRecipe, config, paths: Paths) -> str:
@@ -774,8 +763,8 @@ def decide(
         forced = STAGES.index(stage.name) >= forced_from
         upstream_ran = any(actions.get(name) != "skip" for name in stage.reads)
         if same and prev.get("status") == "done" and not forced and not upstream_ran:
-            done = all(p.exists() for p in stage.outputs[:1])
-            actions[stage.name] = "skip" if done else "run"
+            # The first output is the stage's product; it vanishing means run again.
+            actions[stage.name] = "skip" if stage.outputs[0].exists() else "run"
         elif same and prev.get("status") == "running" and not forced:
             actions[stage.name] = "resume"
         else:
