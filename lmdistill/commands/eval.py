@@ -23,6 +23,9 @@ Tasks (comma-separated):
   rel, rel:TASK, rel-jsonl:PATH   teacher-relative: KL(teacher||student), top-1 agreement,
                            perplexity on teacher responses, ROUGE-L (needs --teacher)
   lmeval:TASK              an lm-eval-harness task (when lm-eval is installed)
+  tool-use[:TASK][:tools=NAME+NAME...][:turns=N]
+                           the tool loop (default: task tool_use, all its tools, 4 turns): call
+                           validity, tool-name, argument and final-answer accuracy
 
 Results are cached under OUT/cache by (model fingerprint, task, settings): rerunning costs nothing.
 Decoding is greedy unless --n-samples > 1 or --temperature is given."""

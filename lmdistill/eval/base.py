@@ -3,7 +3,8 @@
 An `Evaluator` runs one task on one model and returns a `ModelTaskResult`. The kinds:
 verifiable generation and code pass@k (`generation.py`, over the `lmdistill.tasks.Task` shape),
 multiple choice by log-likelihood (`multiple_choice.py`), teacher-relative metrics
-(`teacher_relative.py`) and lm-eval-harness tasks (`lm_eval_adapter.py`).
+(`teacher_relative.py`), lm-eval-harness tasks (`lm_eval_adapter.py`) and tool use through the
+tool loop (`tool_use.py`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Evaluator(ABC):
     """One evaluation task. `name` is the spec the user gave (and the report's row name)."""
 
     name: str
-    kind: str  # "generation", "code", "multiple_choice", "teacher_relative", "lm_eval"
+    kind: str  # "generation", "code", "multiple_choice", "teacher_relative", "lm_eval", "tool_use"
     primary: str  # the headline metric
     higher_is_better: bool = True
     needs_teacher: bool = False  # runs only with a teacher, which runs first

@@ -13,6 +13,10 @@ Task specs (comma-separated after --tasks):
   rel | rel:TASK | rel-jsonl:PATH
                           teacher-relative metrics (needs a teacher; `teacher_relative.py`)
   lmeval:TASK             an lm-eval-harness task, when lm-eval is installed
+  tool-use[:TASK][:tools=NAME+NAME...][:turns=N]
+                          the tool loop on a task's test split (default task tool_use, all its
+                          tools, 4 turns): call validity, tool-name, argument and final-answer
+                          accuracy (`tool_use.py`)
 
 Models load lazily, on the first result the cache cannot answer, so a fully cached rerun loads
 none; once loaded, a model stays loaded until the end of the run.
@@ -39,6 +43,7 @@ from lmdistill.eval.multiple_choice import BUILTIN_PATH, MultipleChoiceEval, spl
 from lmdistill.eval.results import ROLES, EvalResults, ModelInfo, ModelTaskResult, Score, TaskResult
 from lmdistill.eval.stats import retention_interval
 from lmdistill.eval.teacher_relative import BUNDLED_PROMPTS, TeacherRelativeEval
+from lmdistill.eval.tool_use import ToolUseEval, is_tool_use_spec
 from lmdistill.pipelines.generate import Prices
 from lmdistill.tasks import get_task, task_names
 from lmdistill.tasks.base import Task
@@ -52,6 +57,7 @@ EVAL_FORMS: tuple[str, ...] = (
     "rel:TASK",
     "rel-jsonl:PATH",
     "lmeval:TASK",
+    "tool-use[:TASK][:tools=NAME+NAME...][:turns=N]",
 )
 Log = Callable[[str], None]
 
@@ -89,6 +95,8 @@ def make_evaluator(spec: str) -> Evaluator:
         return TeacherRelativeEval(spec, path=Path(spec.removeprefix("rel-jsonl:")).expanduser())
     if spec.startswith("lmeval:"):
         return LmEvalTask(spec, spec.removeprefix("lmeval:"))
+    if is_tool_use_spec(spec):
+        return ToolUseEval.from_spec(spec)
     return GenerationEval(spec, _generation_task(spec))
 
 
@@ -111,6 +119,7 @@ class ModelSlot:
     role: str
     spec: str
     batch_size: int
+    options: Mapping[str, Any] = field(default_factory=dict)  # load_teacher's, e.g. base_url
     fingerprint: str = ""
     loads: int = 0
     same_as: ModelSlot | None = None  # an earlier slot with the same model: share its copy
@@ -121,7 +130,7 @@ class ModelSlot:
             return self.same_as.get()
         if self._model is None:
             options = {} if is_api_spec(self.spec) else {"batch_size": self.batch_size}
-            self._model = load_teacher(self.spec, **options)
+            self._model = load_teacher(self.spec, **{**options, **self.options})
             self.loads += 1
         return self._model
 
@@ -168,6 +177,7 @@ def evaluate(
     tasks: Sequence[str],
     *,
     teacher: str | None = None,
+    teacher_options: Mapping[str, Any] | None = None,
     baseline: str | None = None,
     extra: Mapping[str, str] | None = None,
     settings: EvalSettings | None = None,
@@ -178,7 +188,8 @@ def evaluate(
     run_dir: str | Path | None = None,
     log: Log | None = _stderr,
 ) -> EvalResults:
-    """Evaluate `model` (the student) and, when given, its `teacher` and a `baseline` (e.g. the
+    """Evaluate `model` (the student) and, when given, its `teacher` (loaded with
+    `teacher_options`, e.g. a server's base_url) and a `baseline` (e.g. the
     untrained student) on `tasks` (specs as in the module docstring). `extra` adds more models to
     compare, by role name (e.g. {"sft-only": DIR, "untrained": DIR}); they are reported after the
     baseline, each with its retention against the teacher.
@@ -205,7 +216,12 @@ def evaluate(
         raise UserError(f"extra model roles must not reuse {', '.join(ROLES)}: got {clash}")
     specs = {"teacher": teacher, "student": model, "baseline": baseline, **(extra or {})}
     slots = {
-        role: ModelSlot(role, spec, settings.batch_size)
+        role: ModelSlot(
+            role,
+            spec,
+            settings.batch_size,
+            options=(teacher_options or {}) if role == "teacher" else {},
+        )
         for role, spec in specs.items()
         if spec is not None
     }

@@ -153,10 +153,12 @@ class RunRecipe(_Strict):
                 )
             if self.generate.n > 1:
                 raise ValueError("generate.n: the tool loop makes one trace per prompt")
+            from lmdistill.skills.tools import tool_subset
+
             try:
                 tool_subset(self.generate.tools)  # unknown tool names fail at load
             except UserError as exc:
-                raise ValueError(str(exc)) from None
+                raise ValueError(f"generate.tools: {exc}") from None
         if (self.generate is not None or self.cache_logits is not None) and self.teacher is None:
             raise ValueError("teacher: required by generate and cache_logits")
         if self.filter is not None:
@@ -450,6 +452,7 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
     try:
         if g.tools:
             from lmdistill.skills.tool_use import generate_tool_traces
+            from lmdistill.skills.tools import tool_subset
             from lmdistill.tasks.registry import get_task
 
             p = recipe.prompts
@@ -486,19 +489,6 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
     return line
 
 
-def tool_subset(names: list[str]):
-    """The named built-in tools (all of them for an empty list)."""
-    from lmdistill.skills.tools import ToolRegistry, default_tools
-
-    tools = default_tools()
-    if not names:
-        return tools
-    unknown = [name for name in names if tools.get(name) is None]
-    if unknown:
-        raise UserError(f"generate.tools: unknown tool {unknown[0]!r}; tools: {tools.names}")
-    return ToolRegistry([tools.get(name) for name in names])
-
-
 def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
     from lmdistill.tasks.registry import get_task
 
@@ -506,6 +496,7 @@ def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
     assert f is not None and recipe.generate is not None
     if recipe.generate.tools is not None:
         from lmdistill.skills.tool_use import filter_tool_traces
+        from lmdistill.skills.tools import tool_subset
 
         task = get_task(task_spec) if task_spec else None
         stats = filter_tool_traces(
@@ -590,109 +581,56 @@ def launch_training(config, launch: Launch, recipe_path: Path, *, resume: bool) 
 
 
 def run_eval(recipe: RunRecipe, paths: Paths) -> str:
-    """evaluate() on the recipe's tasks (saved for the report stage), and for tool-use recipes the
-    tool loop's four metrics for the student (and the teacher)."""
+    """evaluate() on the recipe's tasks, plus the held-out prompts (`eval.held_out`) and, for
+    tool-use recipes, the tool loop on the task's test split; saved for the report stage."""
     from lmdistill.eval.base import EvalSettings
     from lmdistill.eval.runner import evaluate
 
     e = recipe.eval
     assert e is not None
-    tasks = list(e.tasks)
-    if e.held_out:
-        tasks.insert(0, f"rel-jsonl:{paths.held_out}")
-    tool_use = recipe.generate is not None and recipe.generate.tools is not None
-    if not tasks and not tool_use:
+    tasks = [*eval_extra_tasks(recipe, paths), *e.tasks]
+    if not tasks:
         raise UserError("eval.tasks: name at least one task (or set eval.held_out)")
-    student = str(paths.train / "final")
-    results = None
-    if tasks:
-        results = evaluate(
-            student,
-            tasks,
-            teacher=recipe.teacher if e.teacher else None,
-            extra=e.compare or None,
-            settings=EvalSettings(limit=e.limit, max_tokens=e.max_tokens, batch_size=e.batch_size),
-            cache_dir=paths.root / "eval" / "cache",
-            measure_cost=e.measure_cost,
-            run_dir=paths.train,
-        )
-    tools = tool_use_metrics(recipe, paths, student) if tool_use else {}
+    results = evaluate(
+        str(paths.train / "final"),
+        tasks,
+        teacher=recipe.teacher if e.teacher else None,
+        teacher_options=recipe.teacher_options,
+        extra=e.compare or None,
+        settings=EvalSettings(limit=e.limit, max_tokens=e.max_tokens, batch_size=e.batch_size),
+        cache_dir=paths.root / "eval" / "cache",
+        measure_cost=e.measure_cost,
+        run_dir=paths.train,
+    )
     paths.results.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.results.with_name(paths.results.name + ".tmp")
-    tmp.write_bytes(pickle.dumps({"results": results, "tool_use": tools}))
+    tmp.write_bytes(pickle.dumps({"results": results}))
     tmp.replace(paths.results)
-    parts = [f"{len(results.tasks)} tasks"] if results is not None else []
-    parts += [f"tool use ({role}): {m}" for role, m in _tool_lines(tools).items()]
-    return "; ".join(parts)
+    return f"{len(results.tasks)} tasks"
 
 
-def tool_use_metrics(recipe: RunRecipe, paths: Paths, student: str) -> dict[str, dict[str, Any]]:
-    from lmdistill.skills.tool_use import evaluate_tool_use
-    from lmdistill.tasks.registry import get_task
-    from lmdistill.teachers import SamplingParams
-    from lmdistill.teachers.registry import load_teacher
+def eval_extra_tasks(recipe: RunRecipe, paths: Paths) -> list[str]:
+    """The task specs the recipe implies: the held-out prompts (`eval.held_out`) and the tool
+    loop on the prompts' task with the generate stage's tools and turns (`generate.tools`)."""
+    from lmdistill.eval.tool_use import ToolUseSpec
 
     e, g, p = recipe.eval, recipe.generate, recipe.prompts
-    assert e is not None and g is not None and g.tools is not None and p is not None
-    models = {"student": student, **e.compare}
-    if e.teacher and recipe.teacher is not None:
-        models = {"teacher": recipe.teacher, **models}
-    out = {}
-    for role, spec in models.items():
-        model = load_teacher(spec, **(recipe.teacher_options if role == "teacher" else {}))
-        try:
-            metrics = evaluate_tool_use(
-                model,
-                get_task(p.task),
-                tool_subset(g.tools),
-                split="test",
-                limit=e.limit,
-                max_turns=g.max_turns,
-                params=SamplingParams(temperature=0.0, max_tokens=e.max_tokens),
-                traces_path=paths.root / "eval" / f"tool_traces.{role}.jsonl",
-            )
-        finally:
-            model.close()
-        out[role] = metrics.as_dict()
-    return out
-
-
-TOOL_METRICS = ("call_validity", "tool_name_accuracy", "argument_accuracy", "final_answer_accuracy")
-
-
-def _tool_lines(tools: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {role: ", ".join(f"{k} {m[k]:.3f}" for k in TOOL_METRICS) for role, m in tools.items()}
+    assert e is not None
+    tasks = [f"rel-jsonl:{paths.held_out}"] if e.held_out else []
+    if g is not None and g.tools is not None:
+        assert p is not None and p.task is not None  # checked when the recipe loads
+        tasks.append(str(ToolUseSpec(p.task, tuple(g.tools), g.max_turns)))
+    return tasks
 
 
 def run_report(paths: Paths) -> str:
     from lmdistill.eval.report import write_report
 
     saved = pickle.loads(paths.results.read_bytes())  # written by our own eval stage
-    paths.report.mkdir(parents=True, exist_ok=True)
-    where = paths.report / "report.md"
-    if saved["results"] is not None:
-        written = write_report(saved["results"], paths.report)
-        where = written.get("markdown", where)
-    if saved["tool_use"]:
-        tools = saved["tool_use"]
-        write_json_atomic(paths.report / "tool_use.json", tools)
-        rows = [
-            "| model | n | " + " | ".join(TOOL_METRICS) + " |",
-            "|---" * (len(TOOL_METRICS) + 2) + "|",
-        ]
-        for role, m in tools.items():
-            rows.append(
-                f"| {role} | {m['n']} | " + " | ".join(f"{m[k]:.3f}" for k in TOOL_METRICS) + " |"
-            )
-        table = (
-            "## Tool use (the tool loop on held-out tool_use prompts)\n\n" + "\n".join(rows) + "\n"
-        )
-        (paths.report / "tool_use.md").write_text(table)
-        if where.exists():
-            where.write_text(where.read_text() + "\n" + table)
-        else:
-            where.write_text("# lmdistill report\n\n" + table)
-    return f"report at {where}"
+    if saved.get("results") is None:
+        raise UserError(f"{paths.results}: no evaluation results; run again with --from eval")
+    written = write_report(saved["results"], paths.report)
+    return f"report at {written['markdown']}"
 
 
 # ----------------------------------------------------------------------------------- runner

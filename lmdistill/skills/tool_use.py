@@ -408,6 +408,41 @@ class ToolMetrics:
         return asdict(self)
 
 
+TOOL_METRIC_NAMES: tuple[str, ...] = (
+    "call_validity",
+    "tool_name_accuracy",
+    "argument_accuracy",
+    "final_answer_accuracy",
+)
+
+
+def trace_scores(
+    record: dict[str, Any],
+    check: TraceCheck,
+    tools: ToolRegistry,
+    score: Callable[[Example, str], float] | None = None,
+) -> dict[str, float]:
+    """The four metrics of one trace (see `ToolMetrics`), each 0.0 or 1.0, by name;
+    `check` is the trace's `check_trace`."""
+    expected = (record.get("metadata") or {}).get("expected_call") or {}
+    name, arguments, _ = check.calls[0] if check.calls else (None, None, None)
+    valid = bool(check.calls) and all(p is None for _, _, p in check.calls)
+    named = name is not None and name == expected.get("name")
+    argued = (
+        named
+        and isinstance(arguments, dict)
+        and arguments_match(expected.get("arguments") or {}, arguments, tools.get(name))
+    )
+    answered = (
+        score is not None
+        and check.answer is not None
+        and record.get("status", OK) == OK
+        and score(_example(record), check.answer) >= 1.0
+    )
+    values = (valid, named, argued, answered)
+    return {metric: float(v) for metric, v in zip(TOOL_METRIC_NAMES, values, strict=True)}
+
+
 def tool_metrics(
     traces: Iterable[dict[str, Any]],
     tools: ToolRegistry | None = None,
@@ -417,40 +452,17 @@ def tool_metrics(
     `metadata.expected_call` ({"name", "arguments"}) for the name and argument accuracies, and
     `score` (e.g. `ToolUseTask().score`) for the final-answer accuracy (0 without one)."""
     tools = tools if tools is not None else default_tools()
-    n = valid = named = argued = answered = 0
+    rows: list[dict[str, float]] = []
     statuses: Counter[str] = Counter()
     problems: Counter[str] = Counter()
     for record in traces:
-        n += 1
         check = check_trace(record, tools)
         statuses[record.get("status", OK)] += 1
         if check.problem:
             problems[check.problem] += 1
-        valid += bool(check.calls) and all(p is None for _, _, p in check.calls)
-        expected = (record.get("metadata") or {}).get("expected_call") or {}
-        if (
-            check.calls
-            and check.calls[0][0] is not None
-            and check.calls[0][0] == expected.get("name")
-        ):
-            named += 1
-            name, arguments, _ = check.calls[0]
-            tool = tools.get(name)
-            argued += isinstance(arguments, dict) and arguments_match(
-                expected.get("arguments") or {}, arguments, tool
-            )
-        if score is not None and check.answer is not None and record.get("status", OK) == OK:
-            answered += score(_example(record), check.answer) >= 1.0
-    rate = (lambda k: k / n) if n else (lambda k: 0.0)
-    return ToolMetrics(
-        n=n,
-        call_validity=rate(valid),
-        tool_name_accuracy=rate(named),
-        argument_accuracy=rate(argued),
-        final_answer_accuracy=rate(answered),
-        statuses=dict(statuses),
-        problems=dict(problems),
-    )
+        rows.append(trace_scores(record, check, tools, score))
+    means = {m: sum(r[m] for r in rows) / len(rows) if rows else 0.0 for m in TOOL_METRIC_NAMES}
+    return ToolMetrics(n=len(rows), **means, statuses=dict(statuses), problems=dict(problems))
 
 
 def evaluate_tool_use(

@@ -4,6 +4,7 @@
     tools.schemas                                  # OpenAI function-calling schemas, for prompts
     tools.check("calculator", {"expression": 1})   # CallProblem("wrong_type", ...)
     tools.call("calculator", {"expression": "12 * 34"})  # "408"
+    tool_subset(["calculator", "lookup"])          # a registry of just those two
 
 A schema is the OpenAI shape `{"type": "function", "function": {"name", "description",
 "parameters"}}`, with `parameters` a JSON schema (validated with `jsonschema`, Draft 2020-12).
@@ -465,6 +466,19 @@ LOOKUP = Tool(
 def default_tools() -> ToolRegistry:
     """The bundled tools: calculator, convert_units, lookup."""
     return ToolRegistry([CALCULATOR, CONVERT_UNITS, LOOKUP])
+
+
+def tool_subset(names: Iterable[str], tools: ToolRegistry | None = None) -> ToolRegistry:
+    """The tools of `tools` (default: the bundled ones) named in `names`, in that order; all of
+    them when `names` is empty. UserError naming the first unknown name."""
+    tools = tools if tools is not None else default_tools()
+    wanted = list(names)
+    if not wanted:
+        return tools
+    unknown = [name for name in wanted if name not in tools]
+    if unknown:
+        raise UserError(f"unknown tool {unknown[0]!r}; tools: {', '.join(tools.names)}")
+    return ToolRegistry([tools[name] for name in wanted])
 
 
 # ---------------------------------------------------------------------- comparing arguments

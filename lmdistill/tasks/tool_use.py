@@ -21,10 +21,10 @@ response): numbers by value within 0.1% (a conversion rounded to a few decimals 
 continent) when the reference appears in the answer as whole words, ignoring case, accents and
 punctuation ("The capital of Kenya is Nairobi." is right).
 
-The prompts do not carry the tools: run them through the tool loop
-(`lmdistill.skills.tool_use.evaluate_tool_use` / `generate_tool_traces`), which adds the tool
-schemas and executes the calls. A plain single-turn evaluation of this task measures answering
-without tools.
+The prompts do not carry the tools: run them through the tool loop (the `tool-use` evaluation
+task, `lmdistill.eval.tool_use`; `lmdistill.skills.tool_use.evaluate_tool_use` /
+`generate_tool_traces`), which adds the tool schemas and executes the calls. A plain single-turn
+evaluation of this task (`--tasks tool_use`) measures answering without tools.
 """
 
 from __future__ import annotations

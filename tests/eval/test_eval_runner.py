@@ -186,3 +186,22 @@ def test_extra_models_are_evaluated_reported_and_given_retention(
             extra={"baseline": str(tiny_model_dir)},
             log=None,
         )
+
+
+def test_teacher_options_reach_the_teacher(data_files, tiny_student_dir):
+    """A recipe's teacher_options (a local server's base_url) load the teacher; the student is
+    loaded without them."""
+    from faultserver import FaultServer
+
+    with FaultServer() as server:
+        results = evaluate(
+            str(tiny_student_dir),
+            data_files[:1],
+            teacher="openai:fault",
+            teacher_options={"base_url": server.base_url, "timeout_s": 5.0},
+            settings=EvalSettings(max_tokens=4),
+            measure_cost=False,
+            log=None,
+        )
+        assert server.request_count > 0
+    assert results.task(data_files[0]).results["teacher"].metrics["accuracy"].n == 4

@@ -130,6 +130,10 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir, caps
         ({"generat": {}}, "generat: unknown key"),
         ({"filter": {"keep": "best"}}, "filter.task: required"),
         ({"generate": {"n": 4}}, "n > 1 needs temperature > 0"),
+        (
+            {"prompts": {"task": "tool_use"}, "generate": {"tools": ["search"]}},
+            "generate.tools: unknown tool 'search'",
+        ),
         ({"train": {"objectives": [{"kind": "sft"}], "student": {}}}, "train: "),
     ],
 )
@@ -194,3 +198,36 @@ def test_task_prompts_generate_and_filter(tmp_path, tiny_model_dir, mode):
     assert stats and (run / "filtered.jsonl").read_text() == ""
     again = run_recipe(load_recipe(path), source=str(path), log=None)
     assert set(_status(again).values()) == {"skipped (unchanged)"}
+
+
+def test_a_tool_use_recipe_evaluates_the_tool_loop_as_an_eval_task(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """With generate.tools, the eval stage hands evaluate() a `tool-use` task with the recipe's
+    task, tools and turns (so the report, retention and cache treat it like any task)."""
+    from lmdistill.eval import runner
+    from lmdistill.eval.results import EvalResults
+    from lmdistill.pipelines.run import Paths, run_eval
+
+    path = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        prompts={"task": "tool_use", "limit": 3},
+        generate={"max_tokens": 6, "tools": ["calculator"], "max_turns": 2},
+        eval={"tasks": ["arithmetic_1digit"], "limit": 2, "measure_cost": False},
+    )
+    calls = []
+
+    def fake_evaluate(model, tasks, **kwargs):
+        calls.append(tasks)
+        return EvalResults(models={}, tasks=[], settings={})
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    recipe = load_recipe(path)
+    run_eval(recipe, Paths(tmp_path / "run"))
+    assert calls == [["tool-use:tools=calculator:turns=2", "arithmetic_1digit"]]
+    assert runner.make_evaluator(calls[0][0]).tools.names == ["calculator"]
+
+    alone = load_recipe(path, ["eval.tasks=[]", "generate.tools=[]", "generate.max_turns=4"])
+    run_eval(alone, Paths(tmp_path / "run"))  # the tool loop alone is a task list
+    assert calls[-1] == ["tool-use"]
