@@ -2,7 +2,8 @@
 
 `write_report(results, out_dir)` writes
   report.json   for machines: {"tasks": {NAME: {"teacher", "student", "baseline", "retention",
-                "n", intervals, every metric}}, "cost": {...}, "models", "settings"}
+                "n", intervals, every metric}}, "comparisons": [the student minus each other
+                model, with paired intervals and a verdict], "cost": {...}, "models", "settings"}
   report.md     the tables, with the plots as PNG files beside it (plots/)
   report.html   one self-contained page: the same tables, the plots embedded as base64 PNGs
   samples/      per model role and task, one JSONL line per example (responses, scores)
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmdistill.eval.compare import compare
 from lmdistill.eval.results import ROLES, EvalResults, Score, TaskResult
 
 _ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#d62728", "baseline": "#7f7f7f"}
@@ -98,6 +100,7 @@ def report_json(results: EvalResults) -> dict[str, Any]:
         },
         "settings": results.settings,
         "tasks": {task.name: task_json(task) for task in results.tasks},
+        "comparisons": [c.to_json() for c in compare(results, confidence=_confidence(results))],
         "cost": results.cost,
         "run_dir": results.run_dir,
     }
@@ -142,6 +145,31 @@ def scores_table(results: EvalResults) -> Table:
         rows,
         f"value [{_confidence(results):.0%} interval]; retention = student / teacher on the same "
         "examples, with a paired bootstrap interval.",
+    )
+
+
+def comparisons_table(results: EvalResults) -> Table | None:
+    """The student minus each other non-teacher model, per task and metric (`compare.py`)."""
+    found = compare(results, confidence=_confidence(results))
+    if not found:
+        return None
+    rows = [
+        [
+            c.task,
+            c.metric + ("" if c.higher_is_better else " (lower is better)"),
+            c.other,
+            f"{c.difference.value:+.3f} [{c.difference.low:+.3f}, {c.difference.high:+.3f}]",
+            str(c.difference.n),
+            c.verdict,
+        ]
+        for c in found
+    ]
+    return Table(
+        "Student against the other models",
+        ["task", "metric", "against", "student minus it", "n", "verdict"],
+        rows,
+        f"Paired over the same examples, {_confidence(results):.0%} bootstrap interval; "
+        "'better' or 'worse' only when the interval excludes 0.",
     )
 
 
@@ -270,7 +298,11 @@ def models_table(results: EvalResults) -> Table:
 
 
 def all_tables(results: EvalResults) -> list[Table]:
-    tables = [models_table(results), scores_table(results), metrics_table(results)]
+    tables = [models_table(results), scores_table(results)]
+    comparisons = comparisons_table(results)
+    if comparisons is not None:
+        tables.append(comparisons)
+    tables.append(metrics_table(results))
     cost = cost_table(results)
     if cost is not None:
         tables.append(cost)

@@ -298,7 +298,9 @@ class TeacherRelativeEval(Evaluator):
                 "reference": ref,
                 "rouge_l": r,
                 "tokens": s.tokens,
-                "kl": s.kl if shared else None,
+                "kl": s.kl if shared else None,  # sums over the tokens, as are agree and nll
+                "agree": s.agree if shared else None,
+                "nll": s.nll,
             }
             for p, text, g, ref, r, s in zip(
                 prompts, own_text, own, references, rouge, stats, strict=True
