@@ -18,6 +18,8 @@ Models: a bundled name (smollm2-135m-instruct), a Hugging Face model dir, openai
 Tasks (comma-separated):
   arithmetic_1digit, arithmetic, gsm_symbolic, knights_knaves, countdown, rg:NAME, jsonl:PATH[@RULE]
                            verifiable generation: generate, extract the answer, compare
+  template:NAME:TASK       such a task asked with reasoning template NAME (step_by_step, concise,
+                           system), as self-distill asks it, e.g. template:concise:arithmetic
   humaneval                code pass@k in a sandbox (use --n-samples 10 for pass@10)
   mc-builtin, mc-jsonl:PATH   multiple choice by log-likelihood (append @letters for MMLU's format)
   rel, rel:TASK, rel-jsonl:PATH   teacher-relative: KL(teacher||student), top-1 agreement,

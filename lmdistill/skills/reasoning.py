@@ -93,6 +93,20 @@ def apply_template(messages: Sequence[Message], name: str) -> list[Message]:
     return out
 
 
+def ask(example: Example, template: str | None) -> list[Message]:
+    """The messages that put `example` to a model with reasoning template `template` (None: the
+    task's own prompt, unchanged). A single-message example that keeps its bare question in
+    `metadata["question"]` (the reasoning-gym tasks) is re-asked from that question, so the
+    template's instruction replaces the task's own instead of being added to it."""
+    if template is None:
+        return example.messages
+    messages = example.messages
+    question = example.metadata.get("question")
+    if isinstance(question, str) and len(messages) == 1:
+        messages = [{"role": "user", "content": question}]
+    return apply_template(messages, template)
+
+
 def task_prompts(
     task: Task,
     *,
@@ -104,22 +118,14 @@ def task_prompts(
     """Prompt records for `lmdistill.pipelines.generate`: {id, messages, reference, metadata,
     split}, one per example of `task` (`Task.examples(split, limit, seed)`).
 
-    template: a name in TEMPLATES, or None for the task's own prompt. A task whose examples keep
-    the bare question in `metadata["question"]` (the reasoning-gym tasks) is re-asked from it, so
-    the template's instruction replaces the task's own instead of being added to it. The record
-    also keeps the task's own prompt as `task_messages`, so the `Example` the filter rebuilds is
-    the task's, whatever was sent."""
+    template: a name in TEMPLATES, or None for the task's own prompt; the messages are `ask`'s.
+    With a template the record also keeps the task's own prompt as `task_messages`, so the
+    `Example` the filter rebuilds is the task's, whatever was sent."""
     records = []
     for example in task.examples(split=split, limit=limit, seed=seed):
-        messages = example.messages
-        if template is not None:
-            question = example.metadata.get("question")
-            if isinstance(question, str) and len(messages) == 1:
-                messages = [{"role": "user", "content": question}]
-            messages = apply_template(messages, template)
         record: dict[str, Any] = {
             "id": example.id,
-            "messages": messages,
+            "messages": ask(example, template),
             "reference": example.reference,
             "metadata": example.metadata,
             "split": split,

@@ -205,3 +205,71 @@ def test_teacher_options_reach_the_teacher(data_files, tiny_student_dir):
         )
         assert server.request_count > 0
     assert results.task(data_files[0]).results["teacher"].metrics["accuracy"].n == 4
+
+
+def test_a_templated_task_asks_as_self_distill_does_and_caches_by_template(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`template:NAME:TASK` sends the prompts `task_prompts` writes for sampling and training
+    (the reasoning-gym question re-asked with the template's instruction), and another
+    template is another cache entry."""
+    from lmdistill.skills.reasoning import TEMPLATES, task_prompts
+    from lmdistill.tasks import get_task
+
+    sent, loads = [], []
+
+    def recording_load(spec, **options):
+        model = load_teacher(spec, **options)
+        generate = model.iter_generate
+
+        def iter_generate(conversations, params):
+            sent.extend(conversations)
+            return generate(conversations, params)
+
+        model.iter_generate = iter_generate
+        loads.append(spec)
+        return model
+
+    monkeypatch.setattr(runner, "load_teacher", recording_load)
+    settings = EvalSettings(limit=3, max_tokens=4, seed=2)
+
+    def run_spec(spec):
+        return evaluate(
+            str(tiny_model_dir),
+            [spec],
+            settings=settings,
+            cache_dir=tmp_path / "cache",
+            measure_cost=False,
+            log=None,
+        ).task(spec)
+
+    first = run_spec("template:concise:arithmetic_1digit")
+    expected = task_prompts(
+        get_task("arithmetic_1digit"), split="test", limit=3, seed=2, template="concise"
+    )
+    assert sent == [p["messages"] for p in expected]
+    instruction = TEMPLATES["concise"].instruction
+    assert all(r["prompt"].endswith(instruction) for r in first.results["student"].records)
+    assert first.kind == "generation" and first.results["student"].metrics["accuracy"].n == 3
+
+    assert run_spec("template:concise:arithmetic_1digit").results["student"].cached
+    assert len(loads) == 1  # answered from the cache
+    other = run_spec("template:step_by_step:arithmetic_1digit")
+    assert not other.results["student"].cached and len(loads) == 2
+    assert sent[-1][-1]["content"].endswith(TEMPLATES["step_by_step"].instruction)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("template:nope:arithmetic_1digit", "unknown reasoning template 'nope'; choose one of"),
+        ("template:concise:mc-builtin", "expected template:NAME:TASK with TASK a generation"),
+        ("template:concise", "expected template:NAME:TASK"),
+    ],
+)
+def test_a_bad_template_spec_is_one_line_naming_it_before_any_model_loads(counted, spec, message):
+    with pytest.raises(UserError) as caught:
+        evaluate("no-such-model", [f"arithmetic,{spec}"], log=None)
+    text = str(caught.value)
+    assert text.startswith(f"task '{spec}': ") and message in text and "\n" not in text
+    assert counted["loads"] == 0

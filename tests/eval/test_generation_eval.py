@@ -86,3 +86,39 @@ def test_humaneval_pass_at_k_is_the_unbiased_estimate():
     expected = sum(pass_at_k(5, c, 5) for c in (5, 1, 0)) / 3
     assert result.metrics["pass@5"].value == pytest.approx(expected) == pytest.approx(2 / 3)
     assert "pass@10" not in result.metrics  # k > n has no estimate
+
+
+def test_a_template_asks_with_its_instruction_and_the_task_still_scores(qa_file):
+    from lmdistill.skills.reasoning import TEMPLATES
+
+    task = get_task(f"jsonl:{qa_file}")
+    sent = []
+
+    def respond(messages, sample):
+        sent.append(messages)
+        return answer_first_three(messages, sample)
+
+    evaluator = GenerationEval("t", task, template="concise")
+    result = evaluator.run(ScriptedTeacher(respond), EvalSettings())
+    instruction = TEMPLATES["concise"].instruction
+    assert len(sent) == 5 and all(m[-1]["content"].endswith(instruction) for m in sent)
+    assert all(r["prompt"].endswith(instruction) for r in result.records)  # the prompt as sent
+    assert result.metrics["accuracy"].value == 0.6  # graded by the task's own scorer
+    plain = GenerationEval("t", task).identity()
+    assert evaluator.identity()["template"]["instruction"] == instruction
+    assert "template" not in plain and "split" not in plain  # plain tasks keep their cache keys
+
+
+def test_a_generation_task_can_be_asked_on_its_train_split(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    rows = [
+        {"prompt": f"What is {i} + {i}?", "answer": 2 * i, "split": s}
+        for i, s in enumerate(["train", "test", "train"])
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(f"jsonl:{path}")
+    evaluator = GenerationEval("t", task, split="train")
+    result = evaluator.run(ScriptedTeacher(lambda m, s: "Answer: 0"), EvalSettings())
+    assert len(result.example_ids) == 2 and evaluator.identity()["split"] == "train"
+    with pytest.raises(UserError, match="task 't': unknown reasoning template 'nope'"):
+        GenerationEval("t", task, template="nope")

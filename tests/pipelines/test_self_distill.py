@@ -14,10 +14,13 @@ from lmdistill.cli import main
 from lmdistill.errors import UserError
 from lmdistill.pipelines.self_distill import (
     SelfDistillConfig,
+    _evaluate,
+    held_out_evaluator,
     load_self_distill_config,
     make_scorer,
     self_distill,
 )
+from lmdistill.tasks import get_task
 from lmdistill.tasks.base import Example
 
 
@@ -53,7 +56,7 @@ def recipe(run_dir: Path, model: Path, **changes) -> dict:
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory, tiny_model_dir):
     run_dir = tmp_path_factory.mktemp("sd") / "run"
-    config = SelfDistillConfig.model_validate(recipe(run_dir, tiny_model_dir))
+    config = SelfDistillConfig.model_validate(recipe(run_dir, tiny_model_dir, template="concise"))
     return config, self_distill(config)
 
 
@@ -84,6 +87,25 @@ def test_selection_keeps_the_best_sample_by_the_reward(two_rounds):
     for record in kept:
         mine = [shortness(s["messages"], s["response"]) for s in samples if s["id"] == record["id"]]
         assert record["score"] == pytest.approx(max(mine))
+
+
+def test_the_held_out_evaluation_is_evaluate_s_and_cached_in_the_run_dir(
+    two_rounds, tmp_path, monkeypatch
+):
+    config, result = two_rounds
+    evaluator = held_out_evaluator(get_task(config.task), config)
+    assert evaluator.name == "template:concise:arithmetic_1digit"  # as `lmdistill eval` names it
+    assert (evaluator.template, evaluator.split) == ("concise", "test")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a cached evaluation loaded a model")
+
+    monkeypatch.setattr("lmdistill.eval.runner.load_teacher", no_model)
+    row = _evaluate(result.rows[1]["model"], get_task(config.task), tmp_path, config)
+    evaluated = ("model", "eval_score", "eval_low", "eval_high", "eval_n")
+    assert {k: row[k] for k in evaluated} == {k: result.rows[1][k] for k in evaluated}
+    lines = (Path(config.run_dir) / "round_1" / "eval.jsonl").read_text().splitlines()
+    assert [sorted(json.loads(line)) for line in lines] == [["id", "response", "score"]] * 4
 
 
 def test_a_rerun_skips_finished_rounds(two_rounds, monkeypatch):
