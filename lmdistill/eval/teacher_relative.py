@@ -63,7 +63,7 @@ from lmdistill.eval.rouge import rouge_l
 from lmdistill.eval.stats import bootstrap_mean_interval, retention_interval
 from lmdistill.losses.divergences import soft_term
 from lmdistill.tasks.base import Task, seeded_subset
-from lmdistill.teachers.base import Message, Teacher
+from lmdistill.teachers.base import Generation, GenerationResult, Message, Teacher
 
 BUNDLED_PROMPTS = Path(__file__).parent.parent / "assets" / "prompts.jsonl"
 _ROLES = ("system", "user", "assistant", "tool")
@@ -74,6 +74,9 @@ class HeldOutPrompt:
     id: str
     messages: list[Message]
     reference: str | None = None  # a reference response; None: the teacher's response is one
+    made: Generation | None = None  # the reference as `made_by` wrote it (`lmdistill generate`)
+    made_by: str | None = None  # the teacher spec a generate record names
+    made_greedy_tokens: int | None = None  # its max_tokens, when it was decoded greedily
 
 
 @dataclass
@@ -133,7 +136,33 @@ def _parse_prompt(
     example_id = record.get("id", f"{path.stem}/{number}")
     if isinstance(example_id, bool) or not isinstance(example_id, str | int):
         raise fail("must be a string or an integer", "id")
-    return HeldOutPrompt(str(example_id), messages, reference), split
+    prompt = HeldOutPrompt(str(example_id), messages, reference, *_provenance(record))
+    return prompt, split
+
+
+def _provenance(record: dict[str, Any]) -> tuple[Generation | None, str | None, int | None]:
+    """A `lmdistill generate` record's response as a Generation, the teacher that wrote it, and
+    its max_tokens when decoding was greedy; Nones for a record without those fields."""
+    sampling, usage = record.get("sampling"), record.get("usage")
+    teacher, finish = record.get("teacher"), record.get("finish_reason")
+    response = record.get("response")
+    if not (
+        isinstance(sampling, dict)
+        and isinstance(usage, dict)
+        and isinstance(teacher, str)
+        and finish in ("stop", "length")
+        and isinstance(response, str)
+    ):
+        return None, None, None
+    greedy = sampling.get("temperature") == 0 and isinstance(sampling.get("max_tokens"), int)
+    made = Generation(
+        response,
+        finish,
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        float(record.get("latency_s") or 0.0),
+    )
+    return made, teacher, sampling["max_tokens"] if greedy else None
 
 
 def prompts_from_task(task: Task, limit: int | None, seed: int) -> list[HeldOutPrompt]:
@@ -257,9 +286,12 @@ class TeacherRelativeEval(Evaluator):
         started = time.perf_counter()
         scorer = as_scoring_model(model, "teacher-relative metrics")
         prompts = self.prompts(settings)
-        results = generate_responses(
-            model, [p.messages for p in prompts], settings.sampling(greedy=True)
-        )
+        results = self._already_made(prompts, model, settings) if teacher is None else None
+        reused = results is not None
+        if results is None:
+            results = generate_responses(
+                model, [p.messages for p in prompts], settings.sampling(greedy=True)
+            )
         own = [r.generations[0] if r.generations else None for r in results]
         own_text = [g.text if g else "" for g in own]
         if teacher is None:  # this is the teacher: its responses are the ones to follow
@@ -321,11 +353,29 @@ class TeacherRelativeEval(Evaluator):
                 if self.path is not None and any(p.reference for p in prompts)
                 else "teacher",
                 "failed_requests": sum(r.failure is not None for r in results),
+                **({"responses": "the file's (this model's greedy ones)"} if reused else {}),
             },
             prompt_tokens=sum(g.prompt_tokens for g in own if g),
             completion_tokens=sum(g.completion_tokens for g in own if g),
             seconds=time.perf_counter() - started,
         )
+
+    @staticmethod
+    def _already_made(
+        prompts: list[HeldOutPrompt], model: Teacher, settings: EvalSettings
+    ) -> list[GenerationResult] | None:
+        """The file's responses as this model's own, when every one was written by this model
+        (the spec `lmdistill generate` recorded), greedily, with this eval's max_tokens: greedy
+        decoding would write them again, so they are not generated twice (the quickstart's
+        held-out file is the teacher's). None otherwise."""
+        if not all(
+            p.made is not None
+            and p.made_by == model.name
+            and p.made_greedy_tokens == settings.max_tokens
+            for p in prompts
+        ):
+            return None
+        return [GenerationResult(i, [p.made]) for i, p in enumerate(prompts) if p.made is not None]
 
     @staticmethod
     def _metrics(

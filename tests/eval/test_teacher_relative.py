@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmdistill.eval import teacher_relative
 from lmdistill.eval.base import EvalSettings, TeacherContext
 from lmdistill.eval.teacher_relative import (
     TeacherRelativeEval,
@@ -121,3 +122,36 @@ def test_task_on_a_jsonl_with_references(tmp_path, teacher, student):
     )
     assert result.metrics["kl"].low <= result.metrics["kl"].value <= result.metrics["kl"].high
     assert result.per_example == [r["rouge_l"] for r in result.records]
+
+
+def test_the_teachers_own_greedy_file_is_not_generated_again(tmp_path, teacher, monkeypatch):
+    """A held-out file written by `generate` with this teacher, greedily, at the eval's
+    max_tokens (the quickstart's) gives the same result without generating; any other file, or
+    other settings, generate."""
+    from lmdistill.pipelines.generate import generate, read_prompts
+    from lmdistill.teachers.base import SamplingParams
+
+    prompts_path = tmp_path / "p.jsonl"
+    prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "2 + 3?")))
+    made = tmp_path / "made.jsonl"
+    generate(teacher, read_prompts(prompts_path), made, SamplingParams(max_tokens=6), cache=None)
+    task = TeacherRelativeEval("rel-jsonl:made", path=made)
+    settings = EvalSettings(max_tokens=6)
+    fresh = task.run(teacher, settings)  # with generation (below: none allowed)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(teacher_relative, "generate_responses", no_generation)
+    reused = task.run(teacher, settings)
+    assert reused.details["responses"].startswith("the file's")
+    assert reused.records == fresh.records
+    assert reused.metrics == fresh.metrics
+    assert reused.completion_tokens == fresh.completion_tokens
+    with pytest.raises(AssertionError, match="generated again"):
+        task.run(teacher, EvalSettings(max_tokens=5))  # other settings: not the file's
+    edited = [json.loads(line) for line in made.read_text().splitlines()]
+    edited[0]["teacher"] = "another-model"
+    made.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    with pytest.raises(AssertionError, match="generated again"):
+        TeacherRelativeEval("rel-jsonl:made", path=made).run(teacher, settings)
