@@ -186,6 +186,21 @@ def train_stage(config) -> None:
     train(config, resume=latest_checkpoint(run_dir) is not None)
 
 
+def verdicts(results) -> str:
+    """One line per comparison of the KD student with another model (`eval.compare`); the
+    held-out prompts' task is called `held-out`."""
+    from lmdistill.eval.compare import compare
+
+    def short(task: str) -> str:
+        return "held-out" if task.startswith("rel-jsonl:") else task
+
+    return "\n".join(
+        f"  vs {c.other:<10} {short(c.task):<18} {c.metric:<15} {c.difference.value:+.3f} "
+        f"[{c.difference.low:+.3f}, {c.difference.high:+.3f}]  {c.verdict}"
+        for c in compare(results)
+    )
+
+
 @dataclass(frozen=True)
 class QuickstartResult:
     report_dir: Path
@@ -246,6 +261,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
         ),
     )
     log.run("report", lambda: write_report(results, report_dir))
+    _say("\nthe KD student against the others (paired, 95% interval):\n" + verdicts(results))
     _say("\nstages:\n" + log.summary())
     _say(f"total {time.perf_counter() - start:.1f}s; report: {report_dir / 'report.md'}")
     return QuickstartResult(report_dir, log.rows)

@@ -6,7 +6,9 @@ import json
 from lmdistill.pipelines.quickstart import QuickstartSettings, quickstart
 
 
-def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(tmp_path, tiny_model_dir):
+def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
+    tmp_path, tiny_model_dir, capsys
+):
     prompts = tmp_path / "prompts.jsonl"
     rows = [
         {"prompt": f"What is {i} + {i}?", "split": "test" if i % 4 == 0 else "train"}
@@ -38,6 +40,11 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(tmp_path, ti
     assert {"teacher", "student", "sft-only", "untrained"} <= set(models)
     for kind in ("sft", "kd"):
         assert (tmp_path / "qs" / "runs" / kind / "final" / "config.json").exists()
+    # The KD student against SFT-only and untrained: paired differences on every metric.
+    compared = {(c["against"], c["metric"]) for c in data["comparisons"]}
+    for other in ("sft-only", "untrained"):
+        assert {(other, m) for m in ("rouge_l", "kl", "top1_agreement", "accuracy")} <= compared
+    assert "held-out" in capsys.readouterr().err  # the verdict lines
 
     again = quickstart(settings)
     status = {r["stage"]: r["status"] for r in again.stages}
