@@ -2,15 +2,14 @@
 
 Short instructions and questions of the kind a 135M instruct teacher handles: facts, definitions,
 short explanations, simple arithmetic. Each record has a stable `id`, a `prompt`, a `category`, and a
-`split` ("train" or "test", by a hash of the prompt, about 75/25), so held-out prompts never leak into
-training. Regenerate with: .venv/bin/python scripts/make_prompts.py
+`split` ("train" or "test", by a hash of the prompt, about 75/25; the arithmetic questions keep their
+task's split), so held-out prompts never leak into training. Regenerate with: .venv/bin/python scripts/make_prompts.py
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 COUNTRIES = [
@@ -235,42 +234,43 @@ TASKS = [
 ]
 
 
-def arithmetic(rng: random.Random) -> list[str]:
-    prompts = []
-    for _ in range(70):
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        prompts.append(f"What is {a} + {b}?")
-    for _ in range(35):
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        prompts.append(f"What is {a} times {b}?")
-    for _ in range(35):
-        a = rng.randint(10, 30)
-        b = rng.randint(1, a)
-        prompts.append(f"What is {a} minus {b}?")
-    return prompts
+def arithmetic() -> list[tuple[str, str]]:
+    """(prompt, split): the quickstart's verifiable task's own questions (reasoning-gym
+    arithmetic_1digit, asked with its instruction), so what the student is trained on is what it
+    is tested on: 94 from the task's train split, 36 from its test split (the two splits never
+    share a question). Measured: with 'What is a + b?' prompts instead, the students scored 0 to
+    2.5% on the task; with these, 8.75% (teacher 65%)."""
+    from lmdistill.tasks import get_task
+
+    task = get_task("arithmetic_1digit")
+    return [
+        (example.messages[-1]["content"], split)
+        for split, count in (("train", 94), ("test", 36))
+        for example in task.examples(split=split, limit=count, seed=0)
+    ]
 
 
 def main() -> None:
-    rng = random.Random(20261127)
-    groups = {
+    groups: dict[str, list[str] | list[tuple[str, str]]] = {
         "capital": [f"What is the capital of {c}?" for c in COUNTRIES],
         "definition": [f"Define the word '{w}' in one sentence." for w in WORDS],
         "explanation": [f"Explain {c} in one or two sentences." for c in CONCEPTS],
         "fact": FACT_QUESTIONS,
         "instruction": TASKS,
-        "arithmetic": arithmetic(rng),
+        "arithmetic": arithmetic(),
     }
     seen: set[str] = set()
     out = Path(__file__).resolve().parents[1] / "lmdistill" / "assets" / "prompts.jsonl"
     counts = {"train": 0, "test": 0}
     with out.open("w") as f:
         for category, prompts in groups.items():
-            for prompt in prompts:
+            for item in prompts:
+                prompt, fixed = item if isinstance(item, tuple) else (item, None)
                 if prompt in seen:
                     continue
                 seen.add(prompt)
                 digest = hashlib.sha256(prompt.encode()).hexdigest()
-                split = "test" if int(digest[:8], 16) % 4 == 0 else "train"
+                split = fixed or ("test" if int(digest[:8], 16) % 4 == 0 else "train")
                 counts[split] += 1
                 record = {"id": digest[:12], "prompt": prompt, "category": category, "split": split}
                 f.write(json.dumps(record) + "\n")
