@@ -22,7 +22,9 @@ choose the examples). Per trace, each metric is 0 or 1:
 
 so each rate comes with a Wilson interval, and retention pairs the student's traces with the
 teacher's by example. The records are the traces (messages in the OpenAI shape, status, error,
-the four values), which the report writes under samples/.
+the four values), which the report writes under samples/. The result's prompt and completion
+tokens sum every turn of every trace (each turn sends the whole conversation), for the cost
+section.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ class ToolUseEval(Evaluator):
             per_example=[r[self.primary] for r in records],
             records=records,
             details=self._details(records),
+            prompt_tokens=sum(t["usage"]["prompt_tokens"] for t in traces),
+            completion_tokens=sum(t["usage"]["completion_tokens"] for t in traces),
             seconds=time.perf_counter() - started,
         )
 

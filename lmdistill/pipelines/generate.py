@@ -211,29 +211,34 @@ def _settings(teacher: Teacher, params: SamplingParams, system: str | None) -> d
     return {"teacher": teacher.name, "sampling": sampling_dict(params), "system": system}
 
 
-def check_settings(out_path: Path, settings: dict[str, Any]) -> None:
+def check_settings(
+    out_path: Path,
+    settings: dict[str, Any],
+    *,
+    meta_format: str = META_FORMAT,
+    writer: str = "lmdistill generate",
+) -> None:
     """Refuse to continue OUT with other settings than it was made with: a file mixing two
-    temperatures or two teachers would be silently wrong training data."""
+    temperatures or two teachers would be silently wrong training data.
+
+    Every key of `settings` is compared with OUT.meta.json (`sampling` field by field); the meta
+    file must have `meta_format`, as written by `writer` (named in the messages)."""
     meta_path = side_path(out_path, ".meta.json")
     if not meta_path.exists():
         if out_path.exists() and out_path.stat().st_size > 0:
             raise UserError(
-                f"{out_path} exists but was not written by lmdistill generate (no {meta_path.name}); "
+                f"{out_path} exists but was not written by {writer} (no {meta_path.name}); "
                 "use another --out, or --overwrite to replace it"
             )
         return
     try:
         saved = json.loads(meta_path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or saved.get("format") != META_FORMAT:
-            raise ValueError("not a lmdistill generate meta file")
+        if not isinstance(saved, dict) or saved.get("format") != meta_format:
+            raise ValueError(f"not a {writer} meta file")
     except (OSError, ValueError) as exc:
         raise UserError(f"{meta_path}: unreadable ({exc}); use --overwrite to start over") from None
-    old = {
-        "teacher": saved.get("teacher"),
-        "system": saved.get("system"),
-        **saved.get("sampling", {}),
-    }
-    new = {"teacher": settings["teacher"], "system": settings["system"], **settings["sampling"]}
+    old = _flat_settings({key: saved.get(key) for key in settings})
+    new = _flat_settings(settings)
     changed = [
         f"{key} {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
@@ -244,6 +249,22 @@ def check_settings(out_path: Path, settings: dict[str, Any]) -> None:
             f"{out_path} was made with other settings ({', '.join(changed)}); rerun with the "
             "same settings to continue it, or use another --out, or --overwrite to start over"
         )
+
+
+def _flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings with the `sampling` fields lifted to the top level, for comparing."""
+    flat = {key: value for key, value in settings.items() if key != "sampling"}
+    return {**flat, **(settings.get("sampling") or {})}
+
+
+def write_settings(
+    out_path: Path, settings: dict[str, Any], *, meta_format: str = META_FORMAT
+) -> None:
+    """Write OUT.meta.json: the settings OUT is made with, which `check_settings` reads back."""
+    write_json_atomic(
+        side_path(out_path, ".meta.json"),
+        {"format": meta_format, **settings, "lmdistill_version": __version__},
+    )
 
 
 def _done_pairs(out_path: Path) -> set[tuple[str, int]]:
@@ -338,10 +359,7 @@ def generate(
             done: set[tuple[str, int]] = set()
         else:
             done = _done_pairs(out_path)
-        write_json_atomic(
-            side_path(out_path, ".meta.json"),
-            {"format": META_FORMAT, **settings, "lmdistill_version": __version__},
-        )
+        write_settings(out_path, settings)
         identity = teacher.cache_identity()
         if identity is None:
             cache = None  # e.g. a local model dir, whose weights may change under the same name

@@ -440,7 +440,7 @@ def _load_teacher(recipe: RunRecipe, **extra: Any):
 
 
 def run_generate(recipe: RunRecipe, paths: Paths) -> str:
-    from lmdistill.pipelines.generate import read_prompts
+    from lmdistill.pipelines.generate import read_prompts, side_path
     from lmdistill.teachers import SamplingParams
 
     g = recipe.generate
@@ -450,8 +450,8 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
     )
     teacher = _load_teacher(recipe)
     try:
-        if g.tools:
-            from lmdistill.skills.tool_use import generate_tool_traces
+        if g.tools is not None:  # [] = all the tools
+            from lmdistill.skills.tool_use import GENERATION_FAILED, generate_tool_traces
             from lmdistill.skills.tools import tool_subset
             from lmdistill.tasks.registry import get_task
 
@@ -468,6 +468,12 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
                 max_turns=g.max_turns,
                 params=params,
             )
+            failed = counts.pop(GENERATION_FAILED, 0)
+            if failed:
+                raise UserError(
+                    f"generate: {failed} tool-use traces failed (listed in "
+                    f"{side_path(paths.responses, '.failed.jsonl')}); run again to retry them"
+                )
             line = f"{sum(counts.values())} tool-use traces {counts}"
         else:
             from lmdistill.pipelines.generate import generate

@@ -11,10 +11,15 @@
 A trace is one JSONL record: the example's `id`, `split`, `reference` and `metadata`, the
 `tools` schemas, `messages` in the OpenAI shape (user prompt, assistant `tool_calls`, `tool`
 results, final assistant answer), a `status` ("ok", "unparseable_call", "max_turns",
-"generation_failed") and an `error` message. The model sees the conversation in the format of
-`lmdistill.data.tool_format` (its template's own tool format when it has one, else the
+"generation_failed"), an `error` message and the `usage` ({prompt_tokens, completion_tokens}
+summed over the turns; 0 for a bare generate function). The model sees the conversation in the
+format of `lmdistill.data.tool_format` (its template's own tool format when it has one, else the
 <tool_call> text convention); the trace stores the calls parsed out of it, so the student can be
 trained in its own format whatever the teacher's was.
+
+`generate_tool_traces` writes its file resumably, as `lmdistill generate` does: OUT.meta.json
+holds the settings, traces are appended a chunk at a time, a rerun continues with the examples
+not in OUT yet, and OUT.failed.jsonl lists the traces whose generation failed (retried next run).
 """
 
 from __future__ import annotations
@@ -24,9 +29,15 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from lmdistill.data.jsonl import describe, iter_jsonl, write_jsonl_atomic
+from lmdistill.data.jsonl import (
+    JsonlAppender,
+    describe,
+    iter_jsonl,
+    read_appended,
+    write_jsonl_atomic,
+)
 from lmdistill.data.tool_format import (
     TOOL_CALL_OPEN,
     Message,
@@ -35,6 +46,7 @@ from lmdistill.data.tool_format import (
     render_tool_chat,
 )
 from lmdistill.errors import InputError, UserError
+from lmdistill.pipelines.generate import check_settings, sampling_dict, side_path, write_settings
 from lmdistill.skills.tools import (
     UNPARSEABLE,
     ToolError,
@@ -43,7 +55,7 @@ from lmdistill.skills.tools import (
     default_tools,
 )
 from lmdistill.tasks.base import Example, Split, Task
-from lmdistill.teachers.base import SamplingParams, Teacher
+from lmdistill.teachers.base import GenerationResult, SamplingParams, Teacher
 
 # A bare generation function: conversations already in the fallback text format -> replies.
 GenerateFn = Callable[[list[list[Message]]], list[str]]
@@ -60,20 +72,38 @@ DEFAULT_PARAMS = SamplingParams(temperature=0.0, max_tokens=256)
 
 
 # ---------------------------------------------------------------------------------- the loop
+class _Reply(NamedTuple):
+    """One model turn: the reply text (None when there is none, `failure` says why) and the
+    tokens it cost (0 for a bare generate function, which reports none)."""
+
+    text: str | None
+    failure: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _reply(result: GenerationResult) -> _Reply:
+    if result.failure is not None or not result.generations:
+        failure = result.failure
+        return _Reply(None, f"{failure.reason}: {failure.detail}" if failure else "no result")
+    generation = result.generations[0]
+    return _Reply(generation.text, "", generation.prompt_tokens, generation.completion_tokens)
+
+
 def _generate(
     model: Model, chats: list[list[Message]], tools: list[dict], params: SamplingParams
-) -> list[tuple[str | None, str]]:
-    """(reply, "") or (None, why it failed) for each conversation."""
+) -> list[_Reply]:
+    """The reply to each conversation."""
     if not isinstance(model, Teacher):
         replies = model([plain_messages(chat, tools) for chat in chats])
         if len(replies) != len(chats):
             raise UserError(
                 f"the generate function returned {len(replies)} replies for {len(chats)}"
             )
-        return [(reply, "") for reply in replies]
+        return [_Reply(reply) for reply in replies]
     from lmdistill.teachers.local import HFTeacher
 
-    out: list[tuple[str | None, str]] = [(None, "no result")] * len(chats)
+    out = [_Reply(None, "no result")] * len(chats)
     if isinstance(model, HFTeacher):
         # Render with the model's own tokenizer so a template with native tool support is used
         # (HFTeacher.encode_chat would drop `tools`).
@@ -83,7 +113,9 @@ def _generate(
             text = render_tool_chat(tokenizer, chat, tools, add_generation_prompt=True)
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
             if limit is not None and len(ids) >= limit:
-                out[i] = (None, f"prompt_too_long: {len(ids)} tokens, the context holds {limit}")
+                out[i] = _Reply(
+                    None, f"prompt_too_long: {len(ids)} tokens, the context holds {limit}"
+                )
             else:
                 prompts.append(ids)
                 indices.append(i)
@@ -91,15 +123,12 @@ def _generate(
             chunk = indices[start : start + model.batch_size]
             batch = prompts[start : start + model.batch_size]
             for result in model.generate_batch(chunk, batch, params):
-                out[result.index] = (result.generations[0].text, "")
+                out[result.index] = _reply(result)
         return out
     # Any other teacher (an API, vLLM): the fallback text format through its chat interface.
     conversations = [plain_messages(chat, tools) for chat in chats]
     for result in model.iter_generate(conversations, params):
-        if result.failure is not None:
-            out[result.index] = (None, f"{result.failure.reason}: {result.failure.detail}")
-        else:
-            out[result.index] = (result.generations[0].text, "")
+        out[result.index] = _reply(result)
     return out
 
 
@@ -119,6 +148,7 @@ def run_tool_loops(
     results (or "error: ..." when a call is invalid or refused, as an agent runtime would answer)
     are appended; a reply without a call is the final answer. A reply with a call that cannot be
     read ends the trace (status "unparseable_call"); so does running out of turns ("max_turns").
+    A trace's `usage` sums the tokens of its turns (each turn's prompt is the whole conversation).
     `model`: a Teacher, or a function from conversations (fallback text format) to replies."""
     if max_turns < 1:
         raise UserError(f"max_turns must be >= 1, got {max_turns}")
@@ -127,18 +157,21 @@ def run_tool_loops(
     chats = [[dict(m) for m in ex.messages] for ex in examples]
     status: list[str | None] = [None] * len(examples)
     errors = [""] * len(examples)
+    usage = [[0, 0] for _ in examples]  # prompt, completion tokens over the turns
     for turn in range(max_turns):
         active = [i for i, s in enumerate(status) if s is None]
         if not active:
             break
         replies = _generate(model, [chats[i] for i in active], schemas, params)
-        for i, (reply, failure) in zip(active, replies, strict=True):
-            if reply is None:
-                status[i], errors[i] = GENERATION_FAILED, failure
+        for i, reply in zip(active, replies, strict=True):
+            usage[i][0] += reply.prompt_tokens
+            usage[i][1] += reply.completion_tokens
+            if reply.text is None:
+                status[i], errors[i] = GENERATION_FAILED, reply.failure
                 continue
-            parsed = parse_tool_calls(reply)
+            parsed = parse_tool_calls(reply.text)
             if parsed.errors:
-                chats[i].append({"role": "assistant", "content": reply.strip()})
+                chats[i].append({"role": "assistant", "content": reply.text.strip()})
                 status[i], errors[i] = UNPARSEABLE_CALL, "; ".join(parsed.errors)
             elif not parsed.calls:
                 chats[i].append({"role": "assistant", "content": parsed.content})
@@ -159,6 +192,7 @@ def run_tool_loops(
             "metadata": ex.metadata,
             "status": status[i],
             "error": errors[i],
+            "usage": {"prompt_tokens": usage[i][0], "completion_tokens": usage[i][1]},
         }
         for i, ex in enumerate(examples)
     ]
@@ -206,6 +240,10 @@ def run_tool_loop(
     return run_tool_loops(model, [example], tools, max_turns=max_turns, params=params)[0]
 
 
+TRACES_FORMAT = "lmdistill.tool_traces/1"  # the format of a traces file's OUT.meta.json
+_WRITER = "generate_tool_traces"
+
+
 def generate_tool_traces(
     teacher: Model,
     task: Task,
@@ -217,16 +255,115 @@ def generate_tool_traces(
     seed: int = 0,
     max_turns: int = 4,
     params: SamplingParams = DEFAULT_PARAMS,
+    overwrite: bool = False,
+    chunk_size: int = 64,
 ) -> dict[str, int]:
-    """Run the tool loop on `task`'s examples of `split` and write the traces to `out_path`
-    (JSONL, atomically). Returns the number of traces per status."""
+    """Run the tool loop on `task`'s examples of `split` into the JSONL file `out_path`.
+
+    Resumable as `lmdistill generate` is: the examples run `chunk_size` at a time, and each
+    chunk's traces are appended (fsync) as it ends, so an interruption loses at most one chunk.
+    OUT.meta.json holds the settings (teacher, sampling, task, split, tools, max_turns); a rerun
+    with the same settings cuts a torn last line and runs only the examples not in OUT yet, one
+    with others raises UserError unless `overwrite` starts OUT over. A trace whose generation
+    failed (an API outage, a prompt too long) is not written to OUT but listed in
+    OUT.failed.jsonl, so the next run retries it. A bare generate function counts as the teacher
+    named by its `__qualname__`. Returns the number of traces per status over `task`'s examples:
+    those in OUT, and those that failed in this run."""
+    if chunk_size < 1:
+        raise UserError(f"chunk_size must be >= 1, got {chunk_size}")
+    out_path = Path(out_path)
     tools = tools if tools is not None else getattr(task, "tools", None) or default_tools()
+    settings = _trace_settings(teacher, task, tools, split, max_turns, params)
+    if not overwrite:
+        check_settings(out_path, settings, meta_format=TRACES_FORMAT, writer=_WRITER)
     examples = task.examples(split=split, limit=limit, seed=seed)
-    traces = run_tool_loops(
-        teacher, examples, tools, max_turns=max_turns, params=params, split=split, task=task.name
-    )
-    write_jsonl_atomic(out_path, traces)
-    return dict(Counter(t["status"] for t in traces))
+    failed_path = side_path(out_path, ".failed.jsonl")
+    with JsonlAppender(out_path) as out:
+        done = _start_over(out, failed_path) if overwrite else _done_statuses(out_path)
+        write_settings(out_path, settings, meta_format=TRACES_FORMAT)
+        counts = Counter(done[ex.id] for ex in examples if ex.id in done)
+        pending = [ex for ex in examples if ex.id not in done]
+        loop = _Loop(teacher, tools, max_turns, params, split, task.name)
+        counts.update(loop.append(pending, out, failed_path, chunk_size))
+    return dict(counts)
+
+
+def _trace_settings(
+    model: Model,
+    task: Task,
+    tools: ToolRegistry,
+    split: Split,
+    max_turns: int,
+    params: SamplingParams,
+) -> dict[str, Any]:
+    """What a traces file is made with (its OUT.meta.json): a rerun must not mix in others."""
+    name = model.name if isinstance(model, Teacher) else getattr(model, "__qualname__", None)
+    return {
+        "teacher": name or type(model).__name__,
+        "sampling": sampling_dict(params),
+        "task": task.name,
+        "split": split,
+        "tools": tools.names,
+        "max_turns": max_turns,
+    }
+
+
+def _start_over(out: JsonlAppender, failed_path: Path) -> dict[str, str]:
+    """Empty OUT and drop its failure list (overwrite); nothing is done then."""
+    out.truncate()
+    failed_path.unlink(missing_ok=True)
+    return {}
+
+
+def _done_statuses(out_path: Path) -> dict[str, str]:
+    """id -> status of the traces already in OUT, after cutting a torn last line."""
+    done = {}
+    for line, record in read_appended(out_path):
+        trace_id, status = record.get("id"), record.get("status")
+        if not isinstance(trace_id, str) or not isinstance(status, str):
+            bad = "id" if not isinstance(trace_id, str) else "status"
+            raise InputError(out_path, f"not a trace of {_WRITER}", line=line, field=bad)
+        done[trace_id] = status
+    return done
+
+
+@dataclass
+class _Loop:
+    """The tool loop's settings, for running chunks of examples into a traces file."""
+
+    model: Model
+    tools: ToolRegistry
+    max_turns: int
+    params: SamplingParams
+    split: Split
+    task: str
+
+    def append(
+        self, examples: list[Example], out: JsonlAppender, failed_path: Path, chunk_size: int
+    ) -> Counter[str]:
+        """Run `examples` a chunk at a time, appending each chunk's traces to `out` and the
+        failed ones to `failed_path`; the number of traces per status."""
+        counts: Counter[str] = Counter()
+        failed: list[dict[str, Any]] = []
+        for start in range(0, len(examples), chunk_size):
+            traces = run_tool_loops(
+                self.model,
+                examples[start : start + chunk_size],
+                self.tools,
+                max_turns=self.max_turns,
+                params=self.params,
+                split=self.split,
+                task=self.task,
+            )
+            out.append([t for t in traces if t["status"] != GENERATION_FAILED])
+            counts.update(t["status"] for t in traces)
+            new_failures = [t for t in traces if t["status"] == GENERATION_FAILED]
+            if new_failures:  # the previous run's list is stale once this run has failures
+                failed += new_failures
+                write_jsonl_atomic(failed_path, failed)
+        if not failed:
+            failed_path.unlink(missing_ok=True)  # the failures it listed are done now
+        return counts
 
 
 # ------------------------------------------------------------------------- checking a trace

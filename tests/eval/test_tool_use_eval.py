@@ -70,6 +70,30 @@ def test_the_four_metrics_come_back_per_example_with_the_traces():
     assert result.details["ended_ok"] == 4 and result.details["max_turns"] == 4
 
 
+def test_the_result_counts_the_tokens_of_every_turn(monkeypatch):
+    """Prompt and completion tokens are the sums over the traces' turns (the cost section's
+    input), not 0."""
+    traces = []
+    real = tool_use_eval.run_tool_loops
+
+    def keeping(*args, **kwargs):
+        traces.extend(real(*args, **kwargs))
+        return traces
+
+    monkeypatch.setattr(tool_use_eval, "run_tool_loops", keeping)
+    evaluator = make_evaluator(SPEC)
+    settings = EvalSettings(limit=3)
+    result = evaluator.run(oracle(evaluator, settings), settings)
+    usages = [t["usage"] for t in traces]
+    assert len(usages) == 3
+    for t in traces:  # ScriptedTeacher counts words: the call turn, then the answer turn
+        call = f"<tool_call>\n{json.dumps(t['metadata']['expected_call'])}\n</tool_call>"
+        answer = t["messages"][-1]["content"]
+        assert t["usage"]["completion_tokens"] == len(call.split()) + len(answer.split())
+    assert result.prompt_tokens == sum(u["prompt_tokens"] for u in usages) > 0
+    assert result.completion_tokens == sum(u["completion_tokens"] for u in usages) > 0
+
+
 def test_the_result_is_cached_and_a_second_run_runs_no_tool_loop(
     long_context_model_dir, tmp_path, monkeypatch
 ):

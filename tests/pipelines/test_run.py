@@ -171,13 +171,26 @@ def test_the_train_stage_launches_two_processes_with_accelerate(tmp_path, tiny_m
     assert (tmp_path / "run" / "train" / "final" / "config.json").exists()
 
 
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 4,096 positions, enough for the tool prompt (rotary positions: no
+    weight depends on the limit)."""
+    from tiny import save_tiny_model_dir
+
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"))
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 4096
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.parametrize("mode", ["reasoning", "tools"])
-def test_task_prompts_generate_and_filter(tmp_path, tiny_model_dir, mode):
+def test_task_prompts_generate_and_filter(tmp_path, tiny_model_dir, long_context_model_dir, mode):
     """The skill stages on a tiny model: task prompts (template applied), n samples or tool-loop
     traces, and the filter's statistics; a tiny model solves nothing, so nothing is kept."""
     raw = {
         "run_dir": str(tmp_path / "run"),
-        "teacher": str(tiny_model_dir),
+        "teacher": str(long_context_model_dir if mode == "tools" else tiny_model_dir),
         "prompts": {"task": "arithmetic_1digit", "limit": 3, "template": "step_by_step"},
         "generate": {"temperature": 1.0, "max_tokens": 6, "n": 2},
         "filter": {"keep": "all"},
@@ -198,6 +211,31 @@ def test_task_prompts_generate_and_filter(tmp_path, tiny_model_dir, mode):
     assert stats and (run / "filtered.jsonl").read_text() == ""
     again = run_recipe(load_recipe(path), source=str(path), log=None)
     assert set(_status(again).values()) == {"skipped (unchanged)"}
+
+
+def test_failed_tool_traces_fail_the_generate_stage_and_are_listed(tmp_path, tiny_model_dir):
+    """`tools: []` (all tools) runs the tool loop; a trace the teacher could not make (here the
+    prompt is longer than the 256 positions) is not in responses.jsonl but listed beside it, and
+    the stage fails so that the next run retries it."""
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "teacher": str(tiny_model_dir),
+        "prompts": {"task": "tool_use", "limit": 3},
+        "generate": {"max_tokens": 4, "tools": []},
+    }
+    path = tmp_path / "tools.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"3 tool-use traces failed .*run again to retry them"):
+        run_recipe(load_recipe(path), source=str(path), log=None)
+    run = tmp_path / "run"
+    assert (run / "responses.jsonl").read_text() == ""
+    listed = (run / "responses.jsonl.failed.jsonl").read_text().splitlines()
+    assert [json.loads(line)["status"] for line in listed] == ["generation_failed"] * 3
+    assert json.loads((run / "responses.jsonl.meta.json").read_text())["tools"] == [
+        "calculator",
+        "convert_units",
+        "lookup",
+    ]
 
 
 def test_a_tool_use_recipe_evaluates_the_tool_loop_as_an_eval_task(

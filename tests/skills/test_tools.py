@@ -31,6 +31,7 @@ from lmdistill.skills.tools import (
     convert_units,
     default_tools,
     lookup,
+    tool_subset,
 )
 from lmdistill.tasks.registry import get_task
 from lmdistill.tasks.tool_use import ToolUseTask
@@ -534,3 +535,124 @@ def test_a_prompt_longer_than_the_context_is_recorded_not_raised(tmp_path):
     assert metrics.statuses == {"generation_failed": 2}
     assert metrics.problems == {"generation_failed": 2}
     assert metrics.call_validity == 0.0
+
+
+# ---------------------------------------------------------------- resuming trace generation
+def interrupting(examples, asked, fail_on=None):
+    """The oracle, noting each question it is asked in `asked`; it raises (a crash) when asked
+    `fail_on`. Every call of this factory makes a function of the same name (the same teacher)."""
+    answer = oracle(examples)
+
+    def generate(chats):
+        questions = [next(m["content"] for m in chat if m["role"] == "user") for chat in chats]
+        if fail_on in questions:
+            raise RuntimeError("the teacher crashed")
+        asked.update(questions)
+        return answer(chats)
+
+    return generate
+
+
+def test_an_interrupted_run_keeps_its_traces_and_a_rerun_makes_only_the_rest(tmp_path):
+    task = ToolUseTask()
+    examples = task.examples(split="train", limit=6)
+    whole, out = tmp_path / "whole.jsonl", tmp_path / "traces.jsonl"
+    generate_tool_traces(interrupting(examples, set()), task, whole, limit=6, chunk_size=2)
+
+    with pytest.raises(RuntimeError, match="crashed"):  # dies in the third chunk
+        generate_tool_traces(
+            interrupting(examples, set(), fail_on=examples[4].messages[0]["content"]),
+            task,
+            out,
+            limit=6,
+            chunk_size=2,
+        )
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert kept == [ex.id for ex in examples[:4]]  # the finished chunks are on disk
+
+    asked: set[str] = set()
+    counts = generate_tool_traces(interrupting(examples, asked), task, out, limit=6, chunk_size=2)
+    assert asked == {ex.messages[0]["content"] for ex in examples[4:]}
+    assert counts == {"ok": 6}
+    assert out.read_text() == whole.read_text()  # same ids, same traces, once each
+
+    text = out.read_text()  # a crash mid-write of the last trace
+    out.write_text(text[: text.rstrip("\n").rfind("\n") + 30])
+    asked.clear()
+    generate_tool_traces(interrupting(examples, asked), task, out, limit=6, chunk_size=2)
+    assert asked == {examples[5].messages[0]["content"]}
+    assert out.read_text() == whole.read_text()
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path):
+    task = ToolUseTask()
+    examples = task.examples(split="train", limit=2)
+    out = tmp_path / "traces.jsonl"
+    generate_tool_traces(interrupting(examples, set()), task, out, limit=2)
+    before = out.read_bytes()
+    changes = [
+        ({"max_turns": 3}, r"max_turns 4 -> 3"),
+        ({"tools": tool_subset(["calculator"])}, r"tools \[.*\] -> \['calculator'\]"),
+        ({"params": SamplingParams(temperature=0.5, max_tokens=256)}, r"temperature 0\.0 -> 0\.5"),
+        ({"split": "test"}, r"split 'train' -> 'test'"),
+    ]
+    for change, message in changes:
+        with pytest.raises(UserError, match=message) as info:
+            generate_tool_traces(interrupting(examples, set()), task, out, limit=2, **change)
+        assert str(out) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"teacher 'interrupting\.<locals>\.generate' -> "):
+        generate_tool_traces(oracle(examples), task, out, limit=2)
+    assert out.read_bytes() == before
+
+    generate_tool_traces(
+        interrupting(examples, set()), task, out, limit=2, max_turns=3, overwrite=True
+    )
+    assert len(out.read_text().splitlines()) == 2
+    assert json.loads((tmp_path / "traces.jsonl.meta.json").read_text())["max_turns"] == 3
+
+
+def test_a_file_not_written_as_traces_is_not_appended_to(tmp_path):
+    out = tmp_path / "traces.jsonl"
+    out.write_text('{"mine": 1}\n')
+    with pytest.raises(UserError, match="not written by generate_tool_traces"):
+        generate_tool_traces(lambda chats: ["hi"] * len(chats), ToolUseTask(), out, limit=1)
+    assert out.read_text() == '{"mine": 1}\n'
+
+
+def test_an_api_outage_is_retried_next_run_and_tokens_are_counted(tmp_path):
+    """A real API teacher (tests/faultserver.py) that goes down after 3 requests: the finished
+    traces stay, the failed ones are listed beside OUT and made by the next run, not before."""
+    from faultserver import FaultPlan, FaultServer
+
+    from lmdistill.teachers.openai_api import OpenAITeacher
+
+    task = ToolUseTask()
+    out, failed = tmp_path / "traces.jsonl", tmp_path / "traces.jsonl.failed.jsonl"
+    with FaultServer(FaultPlan(always="500", ok_first=3)) as server:
+        teacher = OpenAITeacher(
+            "fault",
+            base_url=server.base_url,
+            timeout_s=0.5,
+            retry_base_delay_s=0.002,
+            max_retries=1,
+        )
+        counts = generate_tool_traces(teacher, task, out, limit=6, chunk_size=2)
+        assert counts == {"ok": 3, "generation_failed": 3}  # a plain answer: one turn, no call
+        kept = [json.loads(line) for line in out.read_text().splitlines()]
+        listed = [json.loads(line) for line in failed.read_text().splitlines()]
+        assert len(kept) == 3 and len(listed) == 3
+        assert {t["status"] for t in listed} == {"generation_failed"}
+        assert all("server_error" in t["error"] for t in listed)
+
+        server.plan.always = None  # the API is back
+        sent = server.request_count
+        assert generate_tool_traces(teacher, task, out, limit=6, chunk_size=2) == {"ok": 6}
+        assert server.request_count - sent == 3 and not failed.exists()
+        generate_tool_traces(teacher, task, tmp_path / "whole.jsonl", limit=6)
+    traces = [json.loads(line) for line in out.read_text().splitlines()]
+    whole = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    assert sorted(traces, key=lambda t: t["id"]) == sorted(whole, key=lambda t: t["id"])
+    assert len({t["id"] for t in traces}) == 6
+    for t in traces:  # the server counts words; one turn each
+        assert t["usage"]["prompt_tokens"] > 0
+        assert t["usage"]["completion_tokens"] == len(t["messages"][-1]["content"].split(" "))
