@@ -29,6 +29,7 @@ section.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ PREFIX = "tool-use"
 DEFAULT_TASK = "tool_use"
 DEFAULT_MAX_TURNS = 4
 _OPTIONS = ("tools", "turns")
+_OPTION_LIKE = re.compile(r"[a-z_]+=[^./]*")  # a mistyped option, not a file name with "="
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class ToolUseSpec:
             if key in options:
                 raise UserError(f"task '{spec}': '{key}=' given twice")
             options[key] = value
+        if segments and _OPTION_LIKE.fullmatch(segments[-1]):
+            raise UserError(
+                f"task '{spec}': unknown option '{segments[-1].partition('=')[0]}='; "
+                f"options: {', '.join(o + '=' for o in _OPTIONS)}"
+            )
         return cls(
             task=":".join(segments) or DEFAULT_TASK,
             tools=_tool_names(spec, options["tools"]) if "tools" in options else (),

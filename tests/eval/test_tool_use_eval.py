@@ -169,6 +169,8 @@ def test_the_settings_that_change_results_change_the_identity():
         ("tool-use:tools=", "tools= needs tool names"),
         ("tool-use:turns=2:turns=3", "'turns=' given twice"),
         ("tool-use:no_such_task", "unknown task 'no_such_task'"),
+        ("tool-use:turn=3", "unknown option 'turn='; options: tools=, turns="),
+        ("tool-use:tools=lookup:tool=x", "unknown option 'tool='"),
     ],
 )
 def test_a_bad_spec_is_a_one_line_error_naming_it(spec, message):
