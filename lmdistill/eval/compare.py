@@ -89,7 +89,8 @@ def _task_comparisons(
     confidence: float,
     seed: int,
 ) -> list[Comparison]:
-    ids = [i for i in mine.example_ids if i in set(theirs.example_ids)]
+    shared = set(theirs.example_ids)
+    ids = [i for i in mine.example_ids if i in shared]
     if not ids:
         return []
 

@@ -175,17 +175,6 @@ def cache_stage(s: QuickstartSettings, data: Path, out: Path) -> None:
         teacher.close()
 
 
-def train_stage(config) -> None:
-    """Train, continuing from the last checkpoint of an interrupted run; a run that finished
-    (its final model saved) before the stage was marked done is not trained again."""
-    from lmdistill.training.loop import latest_checkpoint, train
-
-    run_dir = Path(config.run_dir)
-    if (run_dir / "final" / "config.json").exists():
-        return
-    train(config, resume=latest_checkpoint(run_dir) is not None)
-
-
 def verdicts(results) -> str:
     """One line per comparison of the KD student with another model (`eval.compare`); the
     held-out prompts' task is called `held-out`."""
@@ -212,6 +201,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
     from lmdistill.eval.base import EvalSettings
     from lmdistill.eval.report import write_report
     from lmdistill.eval.runner import evaluate
+    from lmdistill.training.loop import train_unless_done
     from lmdistill.training.students import student_from_teacher
 
     start = time.perf_counter()
@@ -244,7 +234,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
         log.run("cache", lambda: cache_stage(s, responses, cache), cache.parent / "cache.done")
     for kind, run_dir in runs.items():
         config = train_config(s, run_dir, untrained, responses, kind)
-        log.run(kind, lambda config=config: train_stage(config), run_dir / "train.done")
+        log.run(kind, lambda config=config: train_unless_done(config), run_dir / "train.done")
     report_dir = out / "report"
     # Evaluation always runs: evaluate() caches per (model, task, settings), so a rerun is cheap.
     results = log.run(

@@ -545,16 +545,18 @@ def run_cache(recipe: RunRecipe, config, paths: Paths) -> str:
 
 
 def run_train(config, launch: Launch | None, paths: Paths) -> str:
-    from lmdistill.training.loop import latest_checkpoint, train
+    from lmdistill.training.loop import is_trained, latest_checkpoint, train_unless_done
 
     run_dir = Path(config.run_dir)
     final = run_dir / "final"
-    if (final / "config.json").exists():
+    if launch is None:
+        result = train_unless_done(config)
+        return (
+            f"student at {final}" if result is None else f"{result.steps} steps; student at {final}"
+        )
+    if is_trained(run_dir):
         return f"student at {final}"
     resume = latest_checkpoint(run_dir) is not None
-    if launch is None:
-        result = train(config, resume=resume)
-        return f"{result.steps} steps; student at {result.final_dir}"
     launch_training(config, launch, paths.root / "train.yaml", resume=resume)
     return f"{launch.num_processes} processes; student at {final}"
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmdistill.data.jsonl import iter_jsonl, write_json_atomic
+from lmdistill.data.jsonl import write_json_atomic
 from lmdistill.errors import UserError
 from lmdistill.training.config import Batch, Optim, apply_override, describe, read_yaml_mapping
 
@@ -418,8 +418,9 @@ def _sample(
 
 def _train(model: str, round_dir: Path, config: SelfDistillConfig) -> tuple[str, int, float | None]:
     """SFT of `model` on the round's kept samples; returns (model dir, steps, last loss)."""
+    from lmdistill.eval.report import read_metrics
     from lmdistill.training.config import validate
-    from lmdistill.training.loop import latest_checkpoint, train
+    from lmdistill.training.loop import train_unless_done
 
     run_dir = round_dir / "train"
     final = run_dir / "final"
@@ -440,18 +441,9 @@ def _train(model: str, round_dir: Path, config: SelfDistillConfig) -> tuple[str,
         "log": {"progress": config.progress, "tensorboard": False},
     }
     train_config = validate(raw, f"{config.run_dir}: round {round_dir.name} training")
-    if not (final / "config.json").exists():
-        train(train_config, resume=latest_checkpoint(run_dir) is not None)
+    train_unless_done(train_config)
     summary = json.loads((run_dir / "summary.json").read_text())
-    losses = (
-        [
-            rec["loss"]
-            for _, rec in iter_jsonl(run_dir / "metrics.jsonl")
-            if isinstance(rec.get("loss"), int | float)
-        ]
-        if (run_dir / "metrics.jsonl").exists()
-        else []
-    )
+    losses = [r["loss"] for r in read_metrics(run_dir) if isinstance(r.get("loss"), int | float)]
     return str(final), int(summary.get("steps", 0)), (losses[-1] if losses else None)
 
 

@@ -612,6 +612,19 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     return Trainer(config, resume=resume).run()
 
 
+def is_trained(run_dir: str | Path) -> bool:
+    """Whether the run finished: its final model is saved."""
+    return (Path(run_dir) / "final" / "config.json").exists()
+
+
+def train_unless_done(config: TrainConfig) -> TrainResult | None:
+    """Finish `config`'s run: nothing when it is already trained (None), else train, continuing
+    from the latest checkpoint of an interrupted run."""
+    if is_trained(config.run_dir):
+        return None
+    return train(config, resume=latest_checkpoint(Path(config.run_dir)) is not None)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (its trainer_state.json is written last), or None."""
     root = Path(run_dir) / CHECKPOINTS

@@ -4,10 +4,8 @@ under a lock), and - in the integration tests - that the converted model answers
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,6 @@ from lmdistill.teachers import bundled
 from lmdistill.teachers.base import SamplingParams
 
 NAME = "smollm2-135m-instruct"
-# A fixed dir under the repo (gitignored), so the ~20 s conversion happens once per machine, not
-# once per test run; a cache dir chosen by the environment wins.
-REAL_CACHE = Path(
-    os.environ.get(bundled.CACHE_ENV) or Path(__file__).parents[2] / ".cache" / "lmdistill-test"
-)
-
-
-@pytest.fixture(scope="module")
-def real_cache() -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(bundled.CACHE_ENV, str(REAL_CACHE))
-        yield REAL_CACHE
 
 
 @pytest.fixture

