@@ -64,6 +64,7 @@ from lmdistill.eval.stats import bootstrap_mean_interval, retention_interval
 from lmdistill.losses.divergences import soft_term
 from lmdistill.tasks.base import Task, seeded_subset
 from lmdistill.teachers.base import Generation, GenerationResult, Message, Teacher
+from lmdistill.teachers.bundled import BUNDLED_NAMES
 
 BUNDLED_PROMPTS = Path(__file__).parent.parent / "assets" / "prompts.jsonl"
 _ROLES = ("system", "user", "assistant", "tool")
@@ -367,7 +368,10 @@ class TeacherRelativeEval(Evaluator):
         """The file's responses as this model's own, when every one was written by this model
         (the spec `lmdistill generate` recorded), greedily, with this eval's max_tokens: greedy
         decoding would write them again, so they are not generated twice (the quickstart's
-        held-out file is the teacher's). None otherwise."""
+        held-out file is the teacher's). Only for a name that identifies the weights (a bundled
+        teacher, an API model): a model dir's name does not. None otherwise."""
+        if model.name not in BUNDLED_NAMES and model.cache_identity() is None:
+            return None
         if not all(
             p.made is not None
             and p.made_by == model.name

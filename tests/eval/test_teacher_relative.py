@@ -124,17 +124,26 @@ def test_task_on_a_jsonl_with_references(tmp_path, teacher, student):
     assert result.per_example == [r["rouge_l"] for r in result.records]
 
 
-def test_the_teachers_own_greedy_file_is_not_generated_again(tmp_path, teacher, monkeypatch):
+def test_the_teachers_own_greedy_file_is_not_generated_again(
+    tmp_path, tiny_model_dir, teacher, monkeypatch
+):
     """A held-out file written by `generate` with this teacher, greedily, at the eval's
     max_tokens (the quickstart's) gives the same result without generating; any other file, or
-    other settings, generate."""
+    other settings, generate. The teacher needs a name that identifies its weights (here the
+    tiny model stands in for the bundled teacher); a model dir's name does not."""
     from lmdistill.pipelines.generate import generate, read_prompts
     from lmdistill.teachers.base import SamplingParams
+    from lmdistill.teachers.bundled import BUNDLED_NAMES
+
+    by_dir_name = teacher
+    teacher = HFTeacher(tiny_model_dir, device="cpu", name=BUNDLED_NAMES[0])
 
     prompts_path = tmp_path / "p.jsonl"
     prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "2 + 3?")))
     made = tmp_path / "made.jsonl"
     generate(teacher, read_prompts(prompts_path), made, SamplingParams(max_tokens=6), cache=None)
+    by_dir = tmp_path / "by_dir.jsonl"
+    generate(by_dir_name, read_prompts(prompts_path), by_dir, SamplingParams(max_tokens=6))
     task = TeacherRelativeEval("rel-jsonl:made", path=made)
     settings = EvalSettings(max_tokens=6)
     fresh = task.run(teacher, settings)  # with generation (below: none allowed)
@@ -150,6 +159,8 @@ def test_the_teachers_own_greedy_file_is_not_generated_again(tmp_path, teacher, 
     assert reused.completion_tokens == fresh.completion_tokens
     with pytest.raises(AssertionError, match="generated again"):
         task.run(teacher, EvalSettings(max_tokens=5))  # other settings: not the file's
+    with pytest.raises(AssertionError, match="generated again"):  # a dir name: other weights?
+        TeacherRelativeEval("rel-jsonl:by_dir", path=by_dir).run(by_dir_name, settings)
     edited = [json.loads(line) for line in made.read_text().splitlines()]
     edited[0]["teacher"] = "another-model"
     made.write_text("".join(json.dumps(r) + "\n" for r in edited))
