@@ -3,7 +3,8 @@
 Short instructions and questions of the kind a 135M instruct teacher handles: facts, definitions,
 short explanations, simple arithmetic. Each record has a stable `id`, a `prompt`, a `category`, and a
 `split` ("train" or "test", by a hash of the prompt, about 75/25; the arithmetic questions keep their
-task's split), so held-out prompts never leak into training. Regenerate with: .venv/bin/python scripts/make_prompts.py
+task's split), so held-out prompts never leak into training. A second file, prompts_extra_test.jsonl, holds
+held-out prompts only (the same templates about other subjects) for bench/methods.py. Regenerate with: .venv/bin/python scripts/make_prompts.py
 """
 
 from __future__ import annotations
@@ -234,7 +235,164 @@ TASKS = [
 ]
 
 
-def arithmetic() -> list[tuple[str, str]]:
+# Held-out only (scripts/make_prompts.py writes them to prompts_extra_test.jsonl): the same
+# templates about subjects the bundled set never names, so a method comparison
+# (bench/methods.py) can score 200+ held-out prompts; the quickstart never reads them.
+EXTRA_COUNTRIES = [
+    "Iceland",
+    "Jamaica",
+    "Nepal",
+    "Pakistan",
+    "Philippines",
+    "Malaysia",
+    "Ukraine",
+    "Romania",
+    "Bulgaria",
+    "Croatia",
+    "Serbia",
+    "Czech Republic",
+    "Slovakia",
+    "Estonia",
+    "Latvia",
+    "Lithuania",
+    "Ghana",
+    "Ethiopia",
+    "Tanzania",
+    "Uganda",
+    "Senegal",
+    "Algeria",
+    "Tunisia",
+    "Saudi Arabia",
+    "Iran",
+    "Iraq",
+    "Israel",
+    "Jordan",
+    "Lebanon",
+    "Qatar",
+    "Bangladesh",
+    "Sri Lanka",
+    "Mongolia",
+    "Uruguay",
+    "Paraguay",
+    "Bolivia",
+    "Ecuador",
+    "Venezuela",
+    "Panama",
+    "Costa Rica",
+]
+EXTRA_WORDS = [
+    "justice",
+    "curiosity",
+    "patience",
+    "honesty",
+    "ecosystem",
+    "microscope",
+    "compass",
+    "lighthouse",
+    "orchestra",
+    "newspaper",
+    "calendar",
+    "earthquake",
+    "hurricane",
+    "canyon",
+    "peninsula",
+    "continent",
+    "vitamin",
+    "bacteria",
+    "migration",
+    "architecture",
+    "sculpture",
+    "symphony",
+    "alphabet",
+    "dictionary",
+    "engine",
+    "factory",
+    "currency",
+    "election",
+    "neighbor",
+    "invention",
+]
+EXTRA_CONCEPTS = [
+    "how tides work",
+    "what erosion is",
+    "how a refrigerator keeps food cold",
+    "why ice floats on water",
+    "what a food chain is",
+    "how fish breathe underwater",
+    "what a solar eclipse is",
+    "how a thermometer works",
+    "why salt melts ice",
+    "what evaporation is",
+    "how a magnet works",
+    "what a habitat is",
+    "how birds migrate",
+    "what a fossil tells us",
+    "why we sweat",
+    "how a lever works",
+    "what friction is",
+    "how the eye sees color",
+    "what an earthquake is",
+    "how wind is made",
+    "what a budget is",
+    "how a bicycle stays upright",
+    "what a virus is",
+    "how soap cleans",
+    "why bread rises",
+    "what a map scale is",
+    "how a telescope works",
+    "what a rain forest is",
+    "how paper is made",
+    "why stars twinkle",
+]
+EXTRA_FACT_QUESTIONS = [
+    "How many days are in a leap year?",
+    "What is the smallest planet in our solar system?",
+    "How many legs does an insect have?",
+    "What do you call a baby sheep?",
+    "What do you call a baby cow?",
+    "Which planet has the most famous rings?",
+    "How many sides does a hexagon have?",
+    "What is the hardest natural substance?",
+    "What is the largest desert in the world?",
+    "How many seconds are in a minute?",
+    "Which bird is a symbol of peace?",
+    "What is the longest river in Africa?",
+    "What do pandas mainly eat?",
+    "How many strings does a standard guitar have?",
+    "What color are ripe bananas?",
+    "What is the opposite of up?",
+    "Which season comes after summer?",
+    "What is the capital letter of the word zebra?",
+    "How many wheels does a tricycle have?",
+    "What do plants need to make food from sunlight?",
+]
+EXTRA_TASKS = [
+    "Write one sentence about the sun.",
+    "Give two tips for staying calm.",
+    "Suggest a name for a pet rabbit.",
+    "Write a short greeting for a wedding card.",
+    "List three kinds of trees.",
+    "List three sports.",
+    "Give one reason to learn to cook.",
+    "Write a one-line motto for a bakery.",
+    "Describe a snowy day in one sentence.",
+    "Give two tips for keeping a room tidy.",
+    "Write a polite way to decline an invitation.",
+    "Suggest a healthy snack.",
+    "List three things you can do at the beach.",
+    "Write a short thank-you note to a friend.",
+    "Give two tips for saving energy at home.",
+    "Describe a dog in one sentence.",
+    "Write one sentence about mountains.",
+    "Suggest a title for a story about a robot.",
+    "List three kinds of birds.",
+    "Give two ideas for a rainy afternoon.",
+]
+
+
+def arithmetic(
+    counts: tuple[tuple[str, int, int], ...] = (("train", 0, 94), ("test", 0, 36)),
+) -> list[tuple[str, str]]:
     """(prompt, split): the quickstart's verifiable task's own questions (reasoning-gym
     arithmetic_1digit, asked with its instruction), so what the student is trained on is what it
     is tested on: 94 from the task's train split, 36 from its test split (the two splits never
@@ -245,22 +403,14 @@ def arithmetic() -> list[tuple[str, str]]:
     task = get_task("arithmetic_1digit")
     return [
         (example.messages[-1]["content"], split)
-        for split, count in (("train", 94), ("test", 36))
-        for example in task.examples(split=split, limit=count, seed=0)
+        for split, start, stop in counts
+        for example in task.examples(split=split, limit=stop, seed=0)[start:]
     ]
 
 
-def main() -> None:
-    groups: dict[str, list[str] | list[tuple[str, str]]] = {
-        "capital": [f"What is the capital of {c}?" for c in COUNTRIES],
-        "definition": [f"Define the word '{w}' in one sentence." for w in WORDS],
-        "explanation": [f"Explain {c} in one or two sentences." for c in CONCEPTS],
-        "fact": FACT_QUESTIONS,
-        "instruction": TASKS,
-        "arithmetic": arithmetic(),
-    }
-    seen: set[str] = set()
-    out = Path(__file__).resolve().parents[1] / "lmdistill" / "assets" / "prompts.jsonl"
+def write(out: Path, groups: dict[str, list], seen: set[str], *, all_test: bool) -> dict[str, int]:
+    """One JSONL record per new prompt (duplicates of `seen` skipped); the split is the hash's
+    (about 75/25), an item's own, or "test" for every prompt when `all_test`."""
     counts = {"train": 0, "test": 0}
     with out.open("w") as f:
         for category, prompts in groups.items():
@@ -270,11 +420,37 @@ def main() -> None:
                     continue
                 seen.add(prompt)
                 digest = hashlib.sha256(prompt.encode()).hexdigest()
-                split = fixed or ("test" if int(digest[:8], 16) % 4 == 0 else "train")
+                by_hash = "test" if int(digest[:8], 16) % 4 == 0 else "train"
+                split = "test" if all_test else (fixed or by_hash)
                 counts[split] += 1
                 record = {"id": digest[:12], "prompt": prompt, "category": category, "split": split}
                 f.write(json.dumps(record) + "\n")
     print(f"wrote {out}: {counts}")
+    return counts
+
+
+def main() -> None:
+    assets = Path(__file__).resolve().parents[1] / "lmdistill" / "assets"
+    seen: set[str] = set()
+    bundled = {
+        "capital": [f"What is the capital of {c}?" for c in COUNTRIES],
+        "definition": [f"Define the word '{w}' in one sentence." for w in WORDS],
+        "explanation": [f"Explain {c} in one or two sentences." for c in CONCEPTS],
+        "fact": FACT_QUESTIONS,
+        "instruction": TASKS,
+        "arithmetic": arithmetic(),
+    }
+    write(assets / "prompts.jsonl", bundled, seen, all_test=False)
+    extra = {
+        "capital": [f"What is the capital of {c}?" for c in EXTRA_COUNTRIES],
+        "definition": [f"Define the word '{w}' in one sentence." for w in EXTRA_WORDS],
+        "explanation": [f"Explain {c} in one or two sentences." for c in EXTRA_CONCEPTS],
+        "fact": EXTRA_FACT_QUESTIONS,
+        "instruction": EXTRA_TASKS,
+        # The next 40 questions of the task's test split (the bundled set has its first 36).
+        "arithmetic": arithmetic((("test", 36, 76),)),
+    }
+    write(assets / "prompts_extra_test.jsonl", extra, seen, all_test=True)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,51 @@ def paired_difference_interval(
     diffs = x[idx][keep].sum(axis=1) / dx[keep] - y[idx][keep].sum(axis=1) / dy[keep]
     estimate = x.sum() / tx.sum() - y.sum() / ty.sum()
     return Interval(float(estimate), *_percentiles(diffs, confidence))
+
+
+def pooled_paired_difference_interval(
+    a: Sequence[Sequence[float]],
+    b: Sequence[Sequence[float]],
+    *,
+    a_tokens: Sequence[Sequence[float]] | None = None,
+    b_tokens: Sequence[Sequence[float]] | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
+    """Method A minus method B over several training seeds and the same examples, with a
+    two-way paired percentile bootstrap: each resample draws seeds with replacement AND examples
+    with replacement (the same examples for every drawn seed), and scores both methods on the
+    drawn (seed, example) cells. Resampling seeds puts the seed-to-seed spread of the difference
+    into the interval, so a claim that A beats B does not rest on one lucky seed; resampling
+    examples keeps the pairing (both methods, the same hard examples).
+
+    a, b: (seeds, examples) per-example scores, row s of both from training seed s, columns in
+    the same example order. Without `*_tokens` the metric is the mean over the cells; with them
+    it is sum(scores) / sum(tokens) over the cells (per-token metrics such as KL or top-1
+    agreement, whose per-example values are sums over that example's tokens)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2 or x.size == 0:
+        raise ValueError(
+            f"a and b need the same non-empty (seeds, examples) shape, got {x.shape}, {y.shape}"
+        )
+    _z(confidence)
+    tx = np.ones_like(x) if a_tokens is None else np.asarray(a_tokens, dtype=np.float64)
+    ty = np.ones_like(y) if b_tokens is None else np.asarray(b_tokens, dtype=np.float64)
+    if tx.shape != x.shape or ty.shape != y.shape:
+        raise ValueError("token counts need one entry per score")
+    if tx.sum() <= 0 or ty.sum() <= 0:
+        raise ValueError("no tokens: the ratio is undefined")
+    seeds, examples = x.shape
+    rng = np.random.default_rng(seed)
+    s_idx = rng.integers(0, seeds, size=(n_resamples, seeds))[:, :, None]
+    e_idx = rng.integers(0, examples, size=(n_resamples, examples))[:, None, :]
+
+    def ratio(values: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return values[s_idx, e_idx].sum(axis=(1, 2)), tokens[s_idx, e_idx].sum(axis=(1, 2))
+
+    (nx, dx), (ny, dy) = ratio(x, tx), ratio(y, ty)
+    keep = (dx > 0) & (dy > 0)
+    diffs = nx[keep] / dx[keep] - ny[keep] / dy[keep]
+    estimate = x.sum() / tx.sum() - y.sum() / ty.sum()
+    return Interval(float(estimate), *_percentiles(diffs, confidence))

@@ -6,7 +6,9 @@ import pytest
 from lmdistill.eval.stats import (
     bootstrap_mean_interval,
     mean_pass_at_k,
+    paired_difference_interval,
     pass_at_k,
+    pooled_paired_difference_interval,
     retention_interval,
     wilson_interval,
 )
@@ -108,3 +110,43 @@ def test_retention_rejects_mismatched_or_zero_teacher():
         retention_interval([1.0, 0.0], [1.0])
     with pytest.raises(ValueError):
         retention_interval([1.0, 0.0], [0.0, 0.0])
+
+
+# ---------------------------------------------------------------- pooled over seeds
+
+
+def test_pooled_interval_with_one_seed_is_the_paired_interval():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(50), rng.random(50)
+    pooled = pooled_paired_difference_interval([a], [b], seed=3)
+    single = paired_difference_interval(a, b, seed=3)
+    assert pooled.estimate == pytest.approx(single.estimate)
+    # One seed: every resample draws it, so only the example draws vary, as in the 1-D version.
+    assert pooled.low == pytest.approx(single.low, abs=0.02)
+    assert pooled.high == pytest.approx(single.high, abs=0.02)
+
+
+def test_pooled_interval_excludes_zero_for_a_consistent_gain_and_not_for_a_flipping_one():
+    rng = np.random.default_rng(0)
+    base = rng.random((3, 200))
+    noise = rng.normal(0, 0.05, size=(3, 200))
+    consistent = pooled_paired_difference_interval(base + 0.05 + noise, base)
+    assert consistent.low > 0 and consistent.estimate == pytest.approx(0.05, abs=0.01)
+    # Two seeds ahead by 0.05, one behind by 0.1: the pooled mean is 0, and resampling seeds
+    # must keep the interval around it wide enough to hold 0.
+    shift = np.array([[0.05], [0.05], [-0.1]])
+    flipping = pooled_paired_difference_interval(base + shift + noise, base)
+    assert flipping.low < 0 < flipping.high
+
+
+def test_pooled_interval_of_token_ratios_is_the_ratio_of_sums():
+    x = [[1.0, 3.0], [2.0, 2.0]]
+    t = [[2.0, 4.0], [4.0, 2.0]]
+    y = [[0.0, 1.0], [1.0, 1.0]]
+    got = pooled_paired_difference_interval(x, y, a_tokens=t, b_tokens=t)
+    assert got.estimate == pytest.approx(8 / 12 - 3 / 12)
+
+
+def test_pooled_interval_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="seeds, examples"):
+        pooled_paired_difference_interval([[1.0, 2.0]], [[1.0]])
