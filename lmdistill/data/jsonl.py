@@ -7,16 +7,18 @@ or `kill -9` at any moment leaves complete lines followed by at most one torn la
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
-import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lmdistill.errors import InputError, UserError
+from lmdistill.store.atomic import write_atomic
+
+# Its home is lmdistill.store (one atomic-write helper for every output); importable from here too.
+from lmdistill.store.atomic import write_json_atomic as write_json_atomic
 
 Record = dict[str, Any]
 
@@ -227,15 +229,6 @@ class JsonlAppender:
         self.close()
 
 
-def write_json_atomic(path: str | Path, value: Any) -> None:
-    """Write a JSON file so that readers see the old or the new content, never a mix."""
-
-    def write(handle: BinaryIO) -> None:
-        handle.write(json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-
-    _write_atomic(Path(path), write)
-
-
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write a whole JSONL file so that readers see the old or the new file, never a part."""
 
@@ -243,35 +236,4 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> N
         for record in records:
             handle.write(encode_line(record))
 
-    _write_atomic(Path(path), write)
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry lives in the directory)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_atomic(path, write)
