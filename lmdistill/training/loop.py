@@ -17,6 +17,12 @@ Run dir:  config.yaml (the resolved recipe), metrics.jsonl, checkpoints/step-NNN
 state: model, optimizer, scheduler, RNG states of every process; trainer_state.json written last
 marks it complete), final/ (an HF model dir), summary.json, student-init/ (a student built from
 the teacher), tensorboard/ (when tensorboard is installed).
+
+A crash at any moment (issue 19): final/ is written into a temporary sibling and renamed into
+place with a completion marker (`lmdistill.store.atomic_dir`), so it exists whole or not at all;
+with checkpoints on, the last step is checkpointed before final/ is written, so a plain rerun
+finishes an interrupted save without training again; metrics.jsonl loses at most a torn last
+line, and a resume never logs a step, or an evaluation at a step, twice.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmdistill.data.jsonl import write_json_atomic
+from lmdistill.data.jsonl import write_jsonl_atomic
 from lmdistill.data.sft import (
     Batch,
     Example,
@@ -45,7 +52,14 @@ from lmdistill.data.sft import (
     epoch_plan,
     load_examples,
 )
-from lmdistill.errors import UserError
+from lmdistill.errors import InputError, UserError
+from lmdistill.store.atomic import (
+    crash_point,
+    dir_state,
+    read_jsonl_tolerant,
+    write_json_atomic,
+    write_text_atomic,
+)
 from lmdistill.training.config import (
     HiddenObjective,
     LogitsObjective,
@@ -230,8 +244,22 @@ class Trainer:
     # ------------------------------------------------------------------------------ setup
     def _check_run_dir(self) -> None:
         saved = self.run_dir / "config.yaml"
+        final = self.run_dir / "final"
+        checkpoint = latest_checkpoint(self.run_dir)
+        state = dir_state(final)
+        how = "--resume"
+        if not self.resume and state != "whole" and checkpoint and _is_last_step(checkpoint):
+            # Training had ended and its last step is checkpointed: only the final save was cut
+            # short, so a plain rerun finishes it rather than asking for --resume (issue 19).
+            self._say(
+                f"{self.run_dir}: training had finished but saving final/ was interrupted; "
+                f"finishing it from {checkpoint.name}"
+            )
+            self.resume, how = True, "finishing the interrupted save"
+        if state == "torn":
+            self._say(f"{final}: incomplete (its save was interrupted); it will be rebuilt")
         if self.resume:
-            if latest_checkpoint(self.run_dir) is None:
+            if checkpoint is None:
                 raise UserError(
                     f"--resume: {self.run_dir} has no complete checkpoint to resume from"
                 )
@@ -240,17 +268,21 @@ class Trainer:
             changed = _changed_keys(previous or {}, now, ignore=("log",))
             if changed:
                 raise UserError(
-                    f"--resume: the recipe differs from the one {self.run_dir} was started with "
+                    f"{how}: the recipe differs from the one {self.run_dir} was started with "
                     f"({', '.join(changed)}); resuming would not continue the same run"
                 )
-        elif latest_checkpoint(self.run_dir) is not None or (self.run_dir / "final").exists():
+        elif checkpoint is not None or state == "whole":
             raise UserError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it or set run_dir elsewhere"
             )
         if self.main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(dump(self.config))
+            write_text_atomic(saved, dump(self.config))
         self.accelerator.wait_for_everyone()
+
+    def _say(self, line: str) -> None:
+        if self.main:
+            print(line, file=sys.stderr, flush=True)
 
     def _load_student(self):
         spec = self.config.student
@@ -516,7 +548,7 @@ class Trainer:
         return evaluate(self.module, self.eval_batches(), teacher, reduce)
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINTS / f"step-{self.step:08d}"
+        path = checkpoint_dir(self.run_dir, self.step)
         # Tied embeddings are stored once; Accelerate warns "Removed shared tensor" every time.
         with _quiet("accelerate.utils.other"):
             self.accelerator.save_state(str(path))
@@ -526,6 +558,7 @@ class Trainer:
                 {
                     "step": self.step,
                     "micro_batches": self.step * self.config.batch.micro_batches_per_step,
+                    "total_steps": self.total_steps,  # step == total_steps: training had ended
                 },
             )
             complete = sorted(
@@ -576,7 +609,14 @@ class Trainer:
                 if every_ckpt and self.step % every_ckpt == 0:
                     self.save_checkpoint()
             if self.eval_examples and (last_eval is None or self.step % max(every_eval, 1)):
-                last_eval = self._log_eval(log)
+                # Resumed from the last step's checkpoint, this evaluation is logged already.
+                last_eval = log.eval_at(self.step) or self._log_eval(log)
+            if (
+                every_ckpt
+                and not (checkpoint_dir(self.run_dir, self.step) / TRAINER_STATE).is_file()
+            ):
+                # The last step checkpointed: a crash while final/ is written costs no training.
+                self.save_checkpoint()
         finally:
             bar.close()
             log.close()
@@ -613,8 +653,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 
 
 def is_trained(run_dir: str | Path) -> bool:
-    """Whether the run finished: its final model is saved."""
-    return (Path(run_dir) / "final" / "config.json").exists()
+    """Whether the run finished: its final model is saved whole (see `lmdistill.store.dir_state`;
+    a final/ that an interrupted save left is not)."""
+    return dir_state(Path(run_dir) / "final") == "whole"
 
 
 def train_unless_done(config: TrainConfig) -> TrainResult | None:
@@ -623,6 +664,17 @@ def train_unless_done(config: TrainConfig) -> TrainResult | None:
     if is_trained(config.run_dir):
         return None
     return train(config, resume=latest_checkpoint(Path(config.run_dir)) is not None)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def _is_last_step(checkpoint: Path) -> bool:
+    """Whether `checkpoint` was saved at the end of training (checkpoints of older versions do
+    not say, and count as not)."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    return "total_steps" in state and state["step"] >= state["total_steps"]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -637,24 +689,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per step or evaluation) and TensorBoard when installed.
 
-    On resume, records after the checkpoint's step are dropped first: the resumed run writes them
-    again, so the file holds one uninterrupted curve."""
+    On resume, records after the checkpoint's step are dropped first (the resumed run writes them
+    again, so the file holds one uninterrupted curve), and so is a torn last line, which is what
+    a crash while a line was written leaves (with one warning line)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, keep_until: int, tensorboard: bool) -> None:
         self.enabled = enabled
         self.handle = None
         self.writer = None
+        self.evals: dict[int, dict[str, float]] = {}  # step -> the evaluation logged at it
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
-        kept = []
-        if keep_until and path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= keep_until
-            ]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in _read_metrics(path) if r["step"] <= keep_until] if keep_until else []
+        for record in kept:
+            self._remember(record)
+        # Rewritten whole: a crash now leaves the old file (still valid to resume from).
+        write_jsonl_atomic(path, kept)
         self.handle = path.open("a", encoding="utf-8")
         if tensorboard:
             try:
@@ -667,18 +718,44 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.handle.write(json.dumps(record) + "\n")
-        self.handle.flush()
+        line = json.dumps(record) + "\n"
+        # Tests only: die with half of this line on disk, as a kill -9 during the write leaves.
+        crash_point("metrics-line", before=lambda: self._append(line[: len(line) // 2]))
+        self._append(line)
+        self._remember(record)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
                     self.writer.add_scalar(key, value, record["step"])
+
+    def eval_at(self, step: int) -> dict[str, float] | None:
+        """The evaluation logged at `step` (also by the run this one resumes), or None."""
+        return self.evals.get(step)
+
+    def _append(self, text: str) -> None:
+        self.handle.write(text)
+        self.handle.flush()
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        scores = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+        if scores:
+            self.evals[record["step"]] = scores
 
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, a torn last line dropped; one without an integer step (not
+    written by this loop) is an error naming its line."""
+    records = read_jsonl_tolerant(path)
+    for number, record in records:
+        if not isinstance(record.get("step"), int):
+            raise InputError(path, "expected an integer", line=number, field="step")
+    return [record for _, record in records]
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.errors import UserError
+from lmdistill.store.atomic import atomic_dir, crash_point
 
 STUDENT_META = "lmdistill_student.json"
 # Architectures whose parameter names the narrowing rules below know (Llama-style blocks: q/k/v/o
@@ -352,11 +353,15 @@ def save_student(
 ) -> Path:
     """Save a trained student as a plain HF model dir; LoRA adapters are merged into the weights
     so the dir loads with AutoModelForCausalLM.from_pretrained and no PEFT. `state_dict`: the
-    full weights when `model` holds shards of them (FSDP); ignored for a LoRA model."""
+    full weights when `model` holds shards of them (FSDP); ignored for a LoRA model.
+
+    The dir (weights, config, generation config, tokenizer, chat template) appears whole or not at
+    all, replacing an old one (`lmdistill.store.atomic_dir`): later stages and reruns trust it."""
     if hasattr(model, "merge_and_unload"):
         model, state_dict = model.merge_and_unload(), None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
-    return out
+    with atomic_dir(out_dir) as tmp:
+        crash_point("save-student:before-weights")  # the kill -9 tests' moments (issue 19)
+        model.save_pretrained(tmp, state_dict=state_dict)
+        crash_point("save-student:before-tokenizer")
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
