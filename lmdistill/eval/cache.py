@@ -8,21 +8,20 @@ per run would cost more than some evaluations). Saving new weights changes the m
 retrained student never reuses its predecessor's results; touching a file only costs a rerun.
 API models are fingerprinted by their spec: their answers are not reproducible anyway.
 
-Each entry is one JSON file `<dir>/<key[:2]>/<key>.json`, written atomically (temp file, then
-rename), so concurrent runs and interrupted ones never leave a torn entry.
+Each entry is one JSON file `<dir>/<key[:2]>/<key>.json`, written atomically (temp file, fsync,
+rename: `lmdistill.store`), so concurrent runs and interrupted ones never leave a torn entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from lmdistill.errors import UserError
 from lmdistill.eval.results import ModelTaskResult
+from lmdistill.store.atomic import write_json_atomic
 from lmdistill.teachers.bundled import BUNDLED_NAMES
 from lmdistill.teachers.registry import is_api_spec
 
@@ -111,16 +110,7 @@ class ResultCache:
             return None  # unreadable: recompute and overwrite it
 
     def put_json(self, key: str, value: dict[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(value, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self._path(key), value, indent=None)
 
     def get(self, key: str) -> ModelTaskResult | None:
         data = self.get_json(key)

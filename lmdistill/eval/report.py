@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmdistill.data.jsonl import write_jsonl_atomic
 from lmdistill.eval.compare import compare
 from lmdistill.eval.results import ROLES, EvalResults, Score, TaskResult
+from lmdistill.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 _ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#d62728", "baseline": "#7f7f7f"}
 _EXTRA_COLOURS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
@@ -564,29 +566,27 @@ def write_samples(results: EvalResults, out_dir: Path) -> None:
             if not result.records:
                 continue
             path = out_dir / "samples" / role / f"{_slug(task.name)}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8") as f:
-                for record in result.records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            write_jsonl_atomic(path, result.records)
 
 
 def write_report(results: EvalResults, out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md (+ plots/*.png), report.html and samples/ into `out_dir`
-    (see the module docstring). Returns the paths of the three reports."""
+    (see the module docstring). Returns the paths of the three reports.
+
+    Each file is written atomically (`lmdistill.store`), report.md last, so a report.md that
+    exists has every other file beside it; `lmdistill run` also builds the whole dir aside."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tables = all_tables(results)
     plots = all_plots(results)
-    (out / "plots").mkdir(exist_ok=True)
     for name, png in plots.items():
-        (out / "plots" / f"{name}.png").write_bytes(png)
+        write_bytes_atomic(out / "plots" / f"{name}.png", png)
+    write_samples(results, out)
     paths = {
         "json": out / "report.json",
         "markdown": out / "report.md",
         "html": out / "report.html",
     }
-    paths["json"].write_text(json.dumps(report_json(results), indent=2) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(render_markdown(results, tables, plots), encoding="utf-8")
-    paths["html"].write_text(render_html(results, tables, plots), encoding="utf-8")
-    write_samples(results, out)
+    write_json_atomic(paths["json"], report_json(results))
+    write_text_atomic(paths["html"], render_html(results, tables, plots))
+    write_text_atomic(paths["markdown"], render_markdown(results, tables, plots))
     return paths

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
 from lmdistill.errors import UserError
+from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
 STATE_FORMAT = "lmdistill.run/1"
@@ -291,6 +292,15 @@ class Stage:
     files: list[Path]  # user files it reads (hashed by content)
     outputs: list[Path]  # removed before a re-run with changed settings
     work: Callable[[], str | None]  # returns a one-line summary (or None)
+    # Whether the first output is whole, when it can exist half-written (a dir an interrupted
+    # save of an older version left); None: it is written atomically, so existing means whole.
+    whole: Callable[[], bool] | None = None
+
+    def output_state(self) -> Literal["missing", "whole", "torn"]:
+        """'missing', 'whole', or 'torn' (the stage is then resumed to finish it)."""
+        if not self.outputs[0].exists():
+            return "missing"
+        return "whole" if self.whole is None or self.whole() else "torn"
 
 
 def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
@@ -370,6 +380,7 @@ def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
                 data_files,
                 [paths.train],
                 lambda: run_train(config, recipe.launch, paths),
+                whole=lambda: _trained(paths.train),
             )
         )
     if recipe.eval is not None:
@@ -386,7 +397,15 @@ def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
         )
         if recipe.report:
             stages.append(
-                Stage("report", {}, ["eval"], [], [paths.report], lambda: run_report(paths))
+                Stage(
+                    "report",
+                    {},
+                    ["eval"],
+                    [],
+                    [paths.report],
+                    lambda: run_report(paths),
+                    whole=lambda: is_whole_dir(paths.report),
+                )
             )
     return stages
 
@@ -544,6 +563,12 @@ def run_cache(recipe: RunRecipe, config, paths: Paths) -> str:
     return f"{report.positions} positions, {report.bytes_per_token:.1f} bytes/token"
 
 
+def _trained(run_dir: Path) -> bool:
+    from lmdistill.training.loop import is_trained  # imports torch: only when asked
+
+    return is_trained(run_dir)
+
+
 def run_train(config, launch: Launch | None, paths: Paths) -> str:
     from lmdistill.training.loop import is_trained, latest_checkpoint, train_unless_done
 
@@ -580,8 +605,7 @@ def launch_training(config, launch: Launch, recipe_path: Path, *, resume: bool) 
 
     from lmdistill.training.config import dump
 
-    recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(dump(config))
+    write_text_atomic(recipe_path, dump(config))
     command = launch_command(launch, recipe_path, resume=resume)
     _say("  " + " ".join(command[2:]))
     if subprocess.run(command).returncode != 0:
@@ -610,10 +634,7 @@ def run_eval(recipe: RunRecipe, paths: Paths) -> str:
         measure_cost=e.measure_cost,
         run_dir=paths.train,
     )
-    paths.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.results.with_name(paths.results.name + ".tmp")
-    tmp.write_bytes(pickle.dumps({"results": results}))
-    tmp.replace(paths.results)
+    write_bytes_atomic(paths.results, pickle.dumps({"results": results}))
     return f"{len(results.tasks)} tasks"
 
 
@@ -637,8 +658,9 @@ def run_report(paths: Paths) -> str:
     saved = pickle.loads(paths.results.read_bytes())  # written by our own eval stage
     if saved.get("results") is None:
         raise UserError(f"{paths.results}: no evaluation results; run again with --from eval")
-    written = write_report(saved["results"], paths.report)
-    return f"report at {written['markdown']}"
+    with atomic_dir(paths.report) as tmp:
+        write_report(saved["results"], tmp)
+    return f"report at {paths.report / 'report.md'}"
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -709,8 +731,10 @@ def decide(
         forced = STAGES.index(stage.name) >= forced_from
         upstream_ran = any(actions.get(name) != "skip" for name in stage.reads)
         if same and prev.get("status") == "done" and not forced and not upstream_ran:
-            # The first output is the stage's product; it vanishing means run again.
-            actions[stage.name] = "skip" if stage.outputs[0].exists() else "run"
+            # The first output is the stage's product; it vanishing means run again, and it left
+            # half-written (issue 19) means finishing it.
+            output = stage.output_state()
+            actions[stage.name] = {"whole": "skip", "missing": "run", "torn": "resume"}[output]
         elif same and prev.get("status") == "running" and not forced:
             actions[stage.name] = "resume"
         else:
@@ -768,6 +792,8 @@ def run_recipe(
             continue
         if action == "run":
             _remove(stage.outputs)
+        if action == "resume" and state.get(stage.name, {}).get("status") == "done":
+            log(f"[{stage.name}] {stage.outputs[0]} is incomplete (its write was interrupted)")
         state[stage.name] = {"fingerprint": prints[stage.name], "status": "running"}
         _write_state(paths.state, state)
         log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'} ...")

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmdistill.data.jsonl import write_json_atomic
 from lmdistill.errors import UserError
+from lmdistill.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from lmdistill.training.config import Batch, Optim, apply_override, describe, read_yaml_mapping
 
 if TYPE_CHECKING:
@@ -328,8 +328,7 @@ def _check_run_dir(run_dir: Path, config: SelfDistillConfig) -> None:
                 f"{run_dir} holds a self-distill run with other settings ({', '.join(changed)}); "
                 "use another run_dir, or the same settings to continue it"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump(config))
+    write_text_atomic(saved, dump(config))
 
 
 def _write_prompts(path: Path, task, prompts: TrainPrompts, template: str | None) -> None:
@@ -601,8 +600,8 @@ def write_outputs(
     text = f"# Self-distillation: {config.model} on {config.task}\n\n{rounds_table(rows)}\n"
     if stopped:
         text += f"\n{stopped}\n"
-    (run_dir / "rounds.md").write_text(text)
-    (run_dir / "rounds.png").write_bytes(plot_rounds(rows, config.task))
+    write_text_atomic(run_dir / "rounds.md", text)
+    write_bytes_atomic(run_dir / "rounds.png", plot_rounds(rows, config.task))
 
 
 def summary(result: SelfDistillResult) -> str:

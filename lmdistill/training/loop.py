@@ -639,10 +639,11 @@ class Trainer:
             weights = state and {
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             }
-            save_student(student, self.tokenizer, final, state_dict=weights)
+            # Before final/: a whole final/ (what "trained" means) then always has its summary.
             write_json_atomic(
                 self.run_dir / "summary.json", {**self.info, "steps": self.step, "eval": last_eval}
             )
+            save_student(student, self.tokenizer, final, state_dict=weights)
         self.accelerator.wait_for_everyone()
         return final
 
