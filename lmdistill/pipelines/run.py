@@ -793,7 +793,7 @@ def run_recipe(
         if action == "run":
             _remove(stage.outputs)
         if action == "resume" and state.get(stage.name, {}).get("status") == "done":
-            log(f"[{stage.name}] {stage.outputs[0]} is incomplete (its write was interrupted)")
+            log(f"[{stage.name}] its output is incomplete (a write was interrupted); finishing it")
         state[stage.name] = {"fingerprint": prints[stage.name], "status": "running"}
         _write_state(paths.state, state)
         log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'} ...")
