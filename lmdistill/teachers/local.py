@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmdistill.errors import UserError
@@ -388,9 +389,27 @@ def _load_model_dir(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = torch.device(device) if device is not None else _default_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, target))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, target))
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as exc:
+        raise unloadable(path, exc) from None
     model.to(target).eval()
-    return model, tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+# What transformers raises for a model dir with a missing, empty or truncated file.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+def unloadable(path: Path, exc: Exception) -> UserError:
+    """The one-line error for a model dir that does not load (issue 19: before saves were atomic,
+    a killed training run left such a final/ behind, and loading it printed a traceback)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"{path}: cannot load the model ({first}); if a run was interrupted while saving it, "
+        "rerun that run to rebuild it"
+    )
 
 
 def _default_device() -> torch.device:

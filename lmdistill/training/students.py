@@ -87,8 +87,13 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = torch.float3
         raise UserError(f"{path} is not a Hugging Face model dir (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+    from lmdistill.teachers.local import LOAD_ERRORS, unloadable
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as exc:
+        raise unloadable(path, exc) from None
 
 
 def resolve_model_dir(spec: str | Path) -> Path:

@@ -377,3 +377,31 @@ def test_not_a_model_dir_is_a_user_error(tmp_path: Path) -> None:
 def test_unknown_dtype_is_a_user_error(lively_model_dir: Path) -> None:
     with pytest.raises(UserError, match="unknown dtype 'float17'"):
         HFTeacher(lively_model_dir, dtype="float17")
+
+
+@pytest.mark.parametrize("damage", ["no weights", "no tokenizer", "empty config", "torn weights"])
+def test_a_model_dir_an_interrupted_save_left_is_a_one_line_error(
+    tmp_path: Path, tiny_model_dir: Path, damage: str
+):
+    """What an in-place save killed at some moment leaves (issue 19): a UserError naming the dir,
+    from the teacher loader and the student loader alike, never a raw traceback."""
+    import shutil
+
+    from lmdistill.teachers.registry import load_teacher
+    from lmdistill.training.students import load_model_dir
+
+    broken = tmp_path / "final"
+    shutil.copytree(tiny_model_dir, broken)
+    if damage == "no weights":
+        (broken / "model.safetensors").unlink()
+    elif damage == "no tokenizer":
+        (broken / "tokenizer.json").unlink()
+        (broken / "tokenizer_config.json").unlink()
+    elif damage == "empty config":
+        (broken / "config.json").write_text("")
+    else:
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    for load in (lambda: load_teacher(str(broken)), lambda: load_model_dir(broken)):
+        with pytest.raises(UserError, match=rf"^{broken}: cannot load the model \(.+\); if a run"):
+            load()
