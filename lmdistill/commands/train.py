@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in run_dir from its last checkpoint (same recipe)",
+        help="continue the run in run_dir from its last checkpoint (same recipe); not needed "
+        "when only the final save was interrupted: a plain rerun finishes it",
     )
     p.add_argument(
         "--dry-run",

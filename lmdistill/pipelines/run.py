@@ -16,7 +16,8 @@ A recipe names the stages it wants (a section per stage; `train` is a training r
     .run/state.json        each stage's fingerprint and status
 
 A stage's fingerprint hashes its settings, the fingerprints of the stages it reads and the
-contents of the user files it reads. A stage whose fingerprint matches a finished run is skipped;
+contents of the user files it reads. A stage whose fingerprint matches a finished run, and whose
+output is whole (written through `lmdistill.store`; a half-written one is finished), is skipped;
 a changed one is re-run from scratch (its old outputs removed first); an interrupted one with the
 same fingerprint resumes (generation, caching and training all continue where they stopped).
 `--from STAGE` re-runs that stage and every stage after it.

@@ -405,7 +405,8 @@ LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 def unloadable(path: Path, exc: Exception) -> UserError:
     """The one-line error for a model dir that does not load (issue 19: before saves were atomic,
     a killed training run left such a final/ behind, and loading it printed a traceback)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).strip()
+    first = text.splitlines()[0].rstrip(" :") if text else type(exc).__name__
     return UserError(
         f"{path}: cannot load the model ({first}); if a run was interrupted while saving it, "
         "rerun that run to rebuild it"
