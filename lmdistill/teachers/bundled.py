@@ -24,14 +24,13 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmdistill.errors import UserError
+from lmdistill.store.atomic import atomic_dir
 
 CACHE_ENV = "LMDISTILL_CACHE_DIR"
 # Written last into a converted dir; its presence (plus a matching source) marks the dir as complete.
@@ -124,14 +123,12 @@ def bundled_model_dir(name: str) -> Path:
             f"lmdistill: converting bundled teacher '{name}' to {target} (once, under a minute)",
             file=sys.stderr,
         )
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-        try:
-            started = time.perf_counter()
+        started = time.perf_counter()
+        # Built aside and renamed into place (a stale target is renamed away first, so processes
+        # reading the old files keep their handles); the lock makes this the only writer.
+        with atomic_dir(target) as tmp:
             _convert_gguf(source, tmp)
             _write_marker(tmp, source, seconds=time.perf_counter() - started)
-            _replace_dir(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -194,16 +191,6 @@ def _is_complete(target: Path, source: Path) -> bool:
 def _write_marker(model_dir: Path, source: Path, *, seconds: float) -> None:
     info = {**_source_stamp(source), "convert_seconds": round(seconds, 1)}
     (model_dir / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`. A stale `target` (older source or format) is first renamed aside, so
-    the swap itself is one atomic rename and processes reading the old files keep their handles."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-        os.replace(target, stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(new, target)
 
 
 def _convert_gguf(source: Path, out_dir: Path) -> None:
