@@ -256,8 +256,6 @@ class Trainer:
                 f"finishing it from {checkpoint.name}"
             )
             self.resume, how = True, "finishing the interrupted save"
-        if state == "torn":
-            self._say(f"{final}: incomplete (its save was interrupted); it will be rebuilt")
         if self.resume:
             if checkpoint is None:
                 raise UserError(
@@ -275,6 +273,8 @@ class Trainer:
             raise UserError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it or set run_dir elsewhere"
             )
+        if state == "torn":  # only an in-place save of a version before issue 19 leaves this
+            self._say(f"{final}: incomplete (its save was interrupted); it will be rebuilt")
         if self.main and not self.resume:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(saved, dump(self.config))
