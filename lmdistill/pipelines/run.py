@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
-from lmdistill.errors import UserError
+from lmdistill.errors import RecipeError, UserError
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
 STATE_FORMAT = "lmdistill.run/1"
@@ -181,8 +181,9 @@ class RunRecipe(_Strict):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
-    """Read and validate a run recipe; `key=value` overrides as in `lmdistill train`."""
-    from lmdistill.training.config import apply_override, describe, read_yaml_mapping
+    """Read a run recipe (`key=value` overrides as in `lmdistill train`) and check all of it
+    before any stage runs (`lmdistill.pipelines.validate`): a RecipeError lists every problem."""
+    from lmdistill.training.config import apply_override, describe_lines, read_yaml_mapping
 
     path = Path(path)
     raw = read_yaml_mapping(path)
@@ -191,8 +192,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         recipe = RunRecipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {describe(exc)}") from None
-    train_config(recipe, str(path))  # a bad train section fails now, not after generation
+        raise RecipeError(str(path), describe_lines(exc)) from None
+    from lmdistill.pipelines.validate import check_run_recipe
+
+    check_run_recipe(recipe, str(path))  # every problem now, none after hours of generation
     return recipe
 
 
@@ -258,23 +261,23 @@ def train_config(recipe: RunRecipe, source: str):
     paths = Paths(Path(recipe.run_dir))
     raw = json.loads(json.dumps(recipe.train))  # a deep copy; the recipe stays as written
     if "run_dir" in raw:
-        raise UserError(f"{source}: train.run_dir: set by the pipeline (run_dir/train); remove it")
+        raise RecipeError(source, ["train.run_dir: set by the pipeline (run_dir/train); remove it"])
     raw["run_dir"] = str(paths.train)
     data = raw.setdefault("data", {})
     if not isinstance(data, dict):
-        raise UserError(f"{source}: train.data: must be a mapping")
+        raise RecipeError(source, ["train.data: must be a mapping"])
     produced = recipe.generate is not None
     if produced and "path" in data:
-        raise UserError(f"{source}: train.data.path: the generate stage makes the data; remove it")
+        raise RecipeError(source, ["train.data.path: the generate stage makes the data; remove it"])
     if not produced and "path" not in data:
-        raise UserError(f"{source}: train.data.path: required when there is no generate stage")
+        raise RecipeError(source, ["train.data.path: required when there is no generate stage"])
     data.setdefault("path", training_data(recipe, paths))
     teacher = raw.setdefault("teacher", {})
     if recipe.cache_logits is not None:
         teacher.setdefault("cache", str(paths.cache))
     elif recipe.teacher is not None and _needs_online_teacher(raw):
         teacher.setdefault("model", recipe.teacher)
-    return validate(raw, f"{source}: train")
+    return validate(raw, source, key_prefix="train.")
 
 
 def _needs_online_teacher(raw: dict[str, Any]) -> bool:
