@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill import __version__
-from lmdistill.errors import UserError
+from lmdistill.errors import UserError, did_you_mean
 from lmdistill.eval import cost as cost_module
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
@@ -82,7 +82,10 @@ def _is_generation_task(spec: str) -> bool:
 def _generation_task(spec: str) -> Task:
     """`get_task(spec)`, with an unknown name reported against every form `--tasks` takes."""
     if not _is_generation_task(spec):
-        raise UserError(f"unknown task '{spec}'; choose from: {', '.join(known_task_names())}")
+        hint = did_you_mean(spec, task_names())
+        raise UserError(
+            f"unknown task '{spec}'{hint}; choose from: {', '.join(known_task_names())}"
+        )
     return get_task(spec)
 
 

@@ -180,9 +180,12 @@ class RunRecipe(_Strict):
         return self
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True
+) -> RunRecipe:
     """Read a run recipe (`key=value` overrides as in `lmdistill train`) and check all of it
-    before any stage runs (`lmdistill.pipelines.validate`): a RecipeError lists every problem."""
+    before any stage runs (`lmdistill.pipelines.validate`): a RecipeError lists every problem.
+    check=False: the settings only, not the models, files and keys the machine must have."""
     from lmdistill.training.config import apply_override, describe_lines, read_yaml_mapping
 
     path = Path(path)
@@ -193,6 +196,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe = RunRecipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(str(path), describe_lines(exc)) from None
+    if not check:
+        train_config(recipe, str(path))
+        return recipe
     from lmdistill.pipelines.validate import check_run_recipe
 
     check_run_recipe(recipe, str(path))  # every problem now, none after hours of generation

@@ -166,11 +166,15 @@ def _accelerate_config(path: str) -> dict[str, Any]:
 def _check_eval(c: _Checker, recipe: RunRecipe, caps: Capability | None) -> None:
     from lmdistill.eval.results import ROLES
     from lmdistill.eval.runner import make_evaluator
+    from lmdistill.teachers.registry import is_api_spec
 
     e = recipe.eval
     assert e is not None
     teacher = recipe.teacher if e.teacher else None
-    text_only = caps is not None and Capability.FULL_LOGITS not in caps
+    # An API teacher gives text at most, also when it did not resolve (a key missing).
+    text_only = (caps is not None and Capability.FULL_LOGITS not in caps) or (
+        caps is None and recipe.teacher is not None and is_api_spec(recipe.teacher)
+    )
     specs = [
         (f"eval.tasks.{i}", s.strip()) for i, item in enumerate(e.tasks) for s in item.split(",")
     ]

@@ -134,7 +134,10 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir, caps
             {"prompts": {"task": "tool_use"}, "generate": {"tools": ["search"]}},
             "generate.tools: unknown tool 'search'",
         ),
-        ({"train": {"objectives": [{"kind": "sft"}], "student": {}}}, "train: "),
+        (
+            {"train": {"objectives": [{"kind": "sft"}], "student": {}}},
+            "train.student: give exactly one of",
+        ),
     ],
 )
 def test_bad_recipes_are_one_line_errors_naming_the_key(tmp_path, tiny_model_dir, change, message):
