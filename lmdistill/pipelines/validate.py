@@ -96,8 +96,6 @@ def _check_run(c: _Checker, recipe: RunRecipe, source: str) -> None:
     caps = None
     if recipe.teacher is not None:
         caps = c.teacher("teacher", recipe.teacher, recipe.teacher_options)
-    if recipe.generate is not None and caps is not None and Capability.TEXT not in caps:
-        c.add("generate", f"teacher '{recipe.teacher}' cannot write text")
     if recipe.cache_logits is not None and caps is not None and Capability.FULL_LOGITS not in caps:
         # build_cache scores the data's own tokens: an API's top-k of its own text cannot.
         c.add("cache_logits", _needs_logits(recipe.teacher, caps, "the top-k cache"))
