@@ -15,6 +15,8 @@ Task specs (comma-separated after --tasks):
   mc-jsonl:PATH[@letters] multiple choice from your file (`multiple_choice.py`)
   rel | rel:TASK | rel-jsonl:PATH
                           teacher-relative metrics (needs a teacher; `teacher_relative.py`)
+  ref-jsonl:PATH          ROUGE-L and perplexity against the file's responses (a text-only
+                          teacher's answers; no teacher model needed)
   lmeval:TASK             an lm-eval-harness task, when lm-eval is installed
   tool-use[:TASK][:tools=NAME+NAME...][:turns=N]
                           the tool loop on a task's test split (default task tool_use, all its
@@ -61,6 +63,7 @@ EVAL_FORMS: tuple[str, ...] = (
     "rel",
     "rel:TASK",
     "rel-jsonl:PATH",
+    "ref-jsonl:PATH",
     "lmeval:TASK",
     "tool-use[:TASK][:tools=NAME+NAME...][:turns=N]",
 )
@@ -119,6 +122,9 @@ def make_evaluator(spec: str) -> Evaluator:
         return TeacherRelativeEval(spec, task=_generation_task(spec.removeprefix("rel:")))
     if spec.startswith("rel-jsonl:"):
         return TeacherRelativeEval(spec, path=Path(spec.removeprefix("rel-jsonl:")).expanduser())
+    if spec.startswith("ref-jsonl:"):
+        path = Path(spec.removeprefix("ref-jsonl:")).expanduser()
+        return TeacherRelativeEval(spec, path=path, references=True)
     if spec.startswith("lmeval:"):
         return LmEvalTask(spec, spec.removeprefix("lmeval:"))
     if is_tool_use_spec(spec):

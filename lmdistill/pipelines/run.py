@@ -633,11 +633,27 @@ def eval_extra_tasks(recipe: RunRecipe, paths: Paths) -> list[str]:
 
     e, g, p = recipe.eval, recipe.generate, recipe.prompts
     assert e is not None
-    tasks = [f"rel-jsonl:{paths.held_out}"] if e.held_out else []
+    tasks = [held_out_task(recipe, paths)] if e.held_out else []
     if g is not None and g.tools is not None:
         assert p is not None and p.task is not None  # checked when the recipe loads
         tasks.append(str(ToolUseSpec(p.task, tuple(g.tools), g.max_turns)))
     return tasks
+
+
+def held_out_task(recipe: RunRecipe, paths: Paths) -> str:
+    """The held-out prompts as an eval task: teacher-relative (KL, top-1 agreement, ROUGE-L)
+    when the teacher is evaluated and gives its logits; otherwise compared with the teacher's
+    answers in the file alone (ROUGE-L, perplexity), which is what a text-only teacher (an API)
+    or `eval.teacher: false` allows (issue 16)."""
+    from lmdistill.teachers.base import Capability
+    from lmdistill.teachers.registry import check_teacher
+
+    assert recipe.eval is not None and recipe.teacher is not None  # generate needs a teacher
+    if recipe.eval.teacher:
+        caps = check_teacher(recipe.teacher, **recipe.teacher_options)
+        if Capability.FULL_LOGITS in caps:
+            return f"rel-jsonl:{paths.held_out}"
+    return f"ref-jsonl:{paths.held_out}"
 
 
 def run_report(paths: Paths) -> str:

@@ -188,13 +188,6 @@ def _check_eval(c: _Checker, recipe: RunRecipe, caps: Capability | None) -> None
     tools = recipe.generate is not None and recipe.generate.tools is not None
     if not specs and not e.held_out and not tools:
         c.add("eval.tasks", "name at least one task (or set eval.held_out)")
-    if e.held_out:
-        # The held-out prompts are a teacher-relative task (rel-jsonl): the teacher's responses
-        # are scored by the teacher and the student token by token.
-        if text_only:  # eval.teacher: true would not help
-            c.add("eval.held_out", _needs_logits(recipe.teacher, caps, "teacher-relative metrics"))
-        elif teacher is None:
-            c.add("eval.held_out", f"compares the student with the teacher: {_no_teacher(recipe)}")
     for role, spec in e.compare.items():
         if role in ROLES:
             c.add(f"eval.compare.{role}", f"a role name of its own is needed, not one of {ROLES}")
