@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     from lmdistill.training.students import ModelShape
 
 T = TypeVar("T")
-# Eval task kinds that score each model's log-likelihoods (as_scoring_model): a text-only
-# teacher (an API) cannot take part in them.
-SCORING_KINDS = ("multiple_choice", "teacher_relative")
 
 
 class _Checker:
@@ -180,8 +177,8 @@ def _check_eval(c: _Checker, recipe: RunRecipe, caps: Capability | None) -> None
         evaluator = c.run(key, lambda spec=spec: make_evaluator(spec))
         if evaluator is None:
             continue
-        scored_teacher = evaluator.needs_teacher or (teacher is not None)
-        if text_only and scored_teacher and evaluator.kind in SCORING_KINDS:
+        in_run = evaluator.needs_teacher or teacher is not None  # the teacher is evaluated
+        if text_only and in_run and _scores_every_model(evaluator):
             c.add(key, f"task '{spec}': {_needs_logits(recipe.teacher, caps, 'its scores')}")
         elif evaluator.needs_teacher and teacher is None:
             c.add(key, f"task '{spec}' compares against the teacher: {_no_teacher(recipe)}")
@@ -193,6 +190,14 @@ def _check_eval(c: _Checker, recipe: RunRecipe, caps: Capability | None) -> None
             c.add(f"eval.compare.{role}", f"a role name of its own is needed, not one of {ROLES}")
         else:
             c.teacher(f"eval.compare.{role}", spec)
+
+
+def _scores_every_model(evaluator: Any) -> bool:
+    """Whether a task needs each model's token scores (as_scoring_model), which a text-only
+    teacher cannot give: multiple choice, and teacher-relative tasks but `ref-jsonl` (which
+    gives a text-only model its ROUGE-L alone)."""
+    kind = evaluator.kind
+    return kind == "multiple_choice" or (kind == "teacher_relative" and evaluator.needs_teacher)
 
 
 def _no_teacher(recipe: RunRecipe) -> str:

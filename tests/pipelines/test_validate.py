@@ -195,6 +195,15 @@ CASES = {
         "train.objectives.0",
         "cannot give full_logits",
     ),
+    "multiple choice with a text-only teacher": (
+        [
+            "teacher=http://127.0.0.1:9/v1",
+            "train.objectives=[{kind: sft}]",
+            "eval.tasks=[mc-builtin]",
+        ],
+        "eval.tasks.0",
+        "cannot give full_logits",
+    ),
     "cache from a text-only teacher": (
         ["teacher=http://127.0.0.1:9/v1", "cache_logits={top_k: 4}"],
         "cache_logits",
