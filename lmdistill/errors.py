@@ -1,7 +1,10 @@
-"""Errors a user can fix. The CLI prints them as one line, without a traceback."""
+"""Errors a user can fix. The CLI prints each line of one (a `RecipeError` has a line per
+problem) after the command's name, without a traceback."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -26,3 +29,19 @@ class InputError(UserError):
         self.path = str(path)
         self.line = line
         self.field = field
+
+
+class RecipeError(UserError):
+    """Every problem found in one recipe, one per line, each as `SOURCE: KEY: message`, so a user
+    fixes them all in one edit instead of meeting them one run at a time."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)  # "key: message", without the source
+        super().__init__("\n".join(f"{source}: {p}" for p in self.problems))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the closest of `choices` to a mistyped `word`, else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -24,6 +24,8 @@ Tasks (comma-separated):
   mc-builtin, mc-jsonl:PATH   multiple choice by log-likelihood (append @letters for MMLU's format)
   rel, rel:TASK, rel-jsonl:PATH   teacher-relative: KL(teacher||student), top-1 agreement,
                            perplexity on teacher responses, ROUGE-L (needs --teacher)
+  ref-jsonl:PATH           ROUGE-L against the file's responses (e.g. a text-only teacher's
+                           answers) and the perplexity of their tokens; no teacher needed
   lmeval:TASK              an lm-eval-harness task (when lm-eval is installed)
   tool-use[:TASK][:tools=NAME+NAME...][:turns=N]
                            the tool loop (default: task tool_use, all its tools, 4 turns): call

@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved recipe and what each stage would do; run nothing",
+        help="check the whole recipe (exit 2 on a problem), print it resolved and what each "
+        "stage would do; run nothing",
     )
     p.set_defaults(func=run)
 

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved recipe and the plan, load no model, and exit",
+        help="check the whole recipe (exit 2 on a problem), print it resolved and the plan, "
+        "load no model, and exit",
     )
     p.set_defaults(func=run)
 
@@ -35,16 +36,15 @@ def run(args: argparse.Namespace) -> int:
     from lmdistill.pipelines.self_distill import (
         dump,
         load_self_distill_config,
-        make_scorer,
         plan,
         self_distill,
         summary,
     )
+    from lmdistill.pipelines.validate import check_self_distill
 
     config = load_self_distill_config(args.recipe, args.overrides)
+    check_self_distill(config, args.recipe)  # model, task, scorer: before round 0 starts
     if args.dry_run:
-        if config.scorer.startswith("reward:"):
-            make_scorer(config)  # a reward function that does not import fails here, not later
         print(dump(config).rstrip())
         print()
         print(plan(config))

@@ -40,15 +40,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved recipe and the plan; load no model, read no data",
+        help="check the whole recipe (exit 2 on a problem), print it resolved and the plan; "
+        "load no model",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmdistill.pipelines.validate import check_train_config
     from lmdistill.training.config import describe_plan, dump, load_config
 
     config = load_config(args.recipe, args.overrides)  # validate before the heavy imports
+    check_train_config(config, args.recipe)  # models, files, combinations: before any load
     if args.dry_run:
         print(dump(config))
         print(describe_plan(config))

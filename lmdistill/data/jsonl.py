@@ -65,6 +65,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Record]]:
                 yield number, record
 
 
+def first_record(path: str | Path) -> tuple[int, Record]:
+    """(line number, record) of a JSONL file's first record, for a check that must not read a
+    large file whole; a UserError when the file is missing or holds no record."""
+    for number, record in iter_jsonl(path):
+        return number, record
+    raise UserError(f"{path}: no records (expected one JSON object per line)")
+
+
 def describe(value: Any) -> str:
     """A JSON value's kind, for error messages ("a number", "an empty string", ...)."""
     if value is None:

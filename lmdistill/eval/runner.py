@@ -15,6 +15,8 @@ Task specs (comma-separated after --tasks):
   mc-jsonl:PATH[@letters] multiple choice from your file (`multiple_choice.py`)
   rel | rel:TASK | rel-jsonl:PATH
                           teacher-relative metrics (needs a teacher; `teacher_relative.py`)
+  ref-jsonl:PATH          ROUGE-L and perplexity against the file's responses (a text-only
+                          teacher's answers; no teacher model needed)
   lmeval:TASK             an lm-eval-harness task, when lm-eval is installed
   tool-use[:TASK][:tools=NAME+NAME...][:turns=N]
                           the tool loop on a task's test split (default task tool_use, all its
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill import __version__
-from lmdistill.errors import UserError
+from lmdistill.errors import UserError, did_you_mean
 from lmdistill.eval import cost as cost_module
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
@@ -61,6 +63,7 @@ EVAL_FORMS: tuple[str, ...] = (
     "rel",
     "rel:TASK",
     "rel-jsonl:PATH",
+    "ref-jsonl:PATH",
     "lmeval:TASK",
     "tool-use[:TASK][:tools=NAME+NAME...][:turns=N]",
 )
@@ -82,7 +85,10 @@ def _is_generation_task(spec: str) -> bool:
 def _generation_task(spec: str) -> Task:
     """`get_task(spec)`, with an unknown name reported against every form `--tasks` takes."""
     if not _is_generation_task(spec):
-        raise UserError(f"unknown task '{spec}'; choose from: {', '.join(known_task_names())}")
+        hint = did_you_mean(spec, task_names())
+        raise UserError(
+            f"unknown task '{spec}'{hint}; choose from: {', '.join(known_task_names())}"
+        )
     return get_task(spec)
 
 
@@ -116,6 +122,9 @@ def make_evaluator(spec: str) -> Evaluator:
         return TeacherRelativeEval(spec, task=_generation_task(spec.removeprefix("rel:")))
     if spec.startswith("rel-jsonl:"):
         return TeacherRelativeEval(spec, path=Path(spec.removeprefix("rel-jsonl:")).expanduser())
+    if spec.startswith("ref-jsonl:"):
+        path = Path(spec.removeprefix("ref-jsonl:")).expanduser()
+        return TeacherRelativeEval(spec, path=path, references=True)
     if spec.startswith("lmeval:"):
         return LmEvalTask(spec, spec.removeprefix("lmeval:"))
     if is_tool_use_spec(spec):

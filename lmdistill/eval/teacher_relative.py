@@ -32,6 +32,11 @@ Prompt sets:
   rel-jsonl:PATH  your file: one object per line with "prompt" (text) or "messages" (chat),
                   optional "id", optional "response" (the reference), optional "split" (when
                   any line has one, only "test" lines are used).
+  ref-jsonl:PATH  such a file where every line has its "response" (e.g. a text-only teacher's
+                  answers, which `lmdistill run` writes to held_out.jsonl): each model is
+                  compared with those responses alone, no teacher model needed: ROUGE-L against
+                  them and the perplexity of their tokens (no KL or agreement: those need the
+                  teacher's distribution, which an API does not give).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ from lmdistill.eval.rouge import rouge_l
 from lmdistill.eval.stats import bootstrap_mean_interval, retention_interval
 from lmdistill.losses.divergences import soft_term
 from lmdistill.tasks.base import Task, seeded_subset
-from lmdistill.teachers.base import Generation, GenerationResult, Message, Teacher
+from lmdistill.teachers.base import Capability, Generation, GenerationResult, Message, Teacher
 from lmdistill.teachers.bundled import BUNDLED_NAMES
 
 BUNDLED_PROMPTS = Path(__file__).parent.parent / "assets" / "prompts.jsonl"
@@ -189,10 +194,12 @@ def token_stats(
     ended: list[bool],
     *,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    compare: bool = True,
 ) -> tuple[list[TokenStats], bool]:
     """Per response, the sums behind kl, top1_agreement and perplexity (see the module
-    docstring), and whether KL and agreement were computed (a shared vocabulary)."""
-    shared = same_vocabulary(teacher, student)
+    docstring), and whether KL and agreement were computed (a shared vocabulary; never with
+    compare=False, when there is no teacher distribution to compare with)."""
+    shared = compare and same_vocabulary(teacher, student)
     teacher_ctx = [teacher.encode_chat(p) for p in prompts]
     student_ctx = teacher_ctx if student is teacher else [student.encode_chat(p) for p in prompts]
     # With a shared vocabulary both models read the teacher's tokens of the response, so their
@@ -257,15 +264,26 @@ class TeacherRelativeEval(Evaluator):
         task: Task | None = None,
         path: Path | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        references: bool = False,
     ) -> None:
-        if (task is None) == (path is None):
-            raise ValueError("give exactly one of task or path")
+        if (task is None) == (path is None) or (references and path is None):
+            raise ValueError("give exactly one of task or path (references: a path)")
         self.name = spec
         self.task = task
         self.path = path
         self.token_budget = token_budget
         self._file_prompts = read_prompt_file(path) if path is not None else None
+        # The file's responses stand in for the teacher's: no teacher model takes part.
+        self.references = references
+        self.needs_teacher = not references
         self.description = "KL, top-1 agreement, perplexity on teacher responses; ROUGE-L"
+        if references:
+            unanswered = [p.id for p in self._file_prompts or [] if p.reference is None]
+            if unanswered:
+                raise UserError(
+                    f"{path}: prompt(s) {unanswered[:3]} have no 'response' to compare with"
+                )
+            self.description = "ROUGE-L against the file's responses, perplexity of their tokens"
 
     def identity(self) -> dict[str, Any]:
         identity = super().identity()
@@ -285,7 +303,10 @@ class TeacherRelativeEval(Evaluator):
         self, model: Teacher, settings: EvalSettings, *, teacher: TeacherContext | None = None
     ) -> ModelTaskResult:
         started = time.perf_counter()
-        scorer = as_scoring_model(model, "teacher-relative metrics")
+        # Against the file's responses a text-only model (an API teacher) still gets ROUGE-L;
+        # the perplexity of their tokens needs its token scores.
+        scored = not self.references or model.can(Capability.FULL_LOGITS)
+        scorer = as_scoring_model(model, "teacher-relative metrics") if scored else None
         prompts = self.prompts(settings)
         results = self._already_made(prompts, model, settings) if teacher is None else None
         reused = results is not None
@@ -295,7 +316,12 @@ class TeacherRelativeEval(Evaluator):
             )
         own = [r.generations[0] if r.generations else None for r in results]
         own_text = [g.text if g else "" for g in own]
-        if teacher is None:  # this is the teacher: its responses are the ones to follow
+        if self.references:  # the file's responses are followed, by every model
+            followed = [p.reference or "" for p in prompts]
+            # A response `lmdistill generate` cut at max_tokens did not end there.
+            ended = [p.made is None or p.made.finish_reason == "stop" for p in prompts]
+            teacher_scorer = scorer
+        elif teacher is None:  # this is the teacher: its responses are the ones to follow
             teacher_scorer = scorer
             followed = own_text
             ended = [g is not None and g.finish_reason == "stop" for g in own]
@@ -312,16 +338,19 @@ class TeacherRelativeEval(Evaluator):
             for p, f in zip(prompts, followed, strict=True)
         ]
 
-        stats, shared = token_stats(
-            teacher_scorer,
-            scorer,
-            [p.messages for p in prompts],
-            followed,
-            ended,
-            token_budget=self.token_budget,
-        )
+        stats, shared = [TokenStats() for _ in prompts], False
+        if scorer is not None:
+            stats, shared = token_stats(
+                teacher_scorer,
+                scorer,
+                [p.messages for p in prompts],
+                followed,
+                ended,
+                token_budget=self.token_budget,
+                compare=not self.references,
+            )
         rouge = [rouge_l(o, ref).f for o, ref in zip(own_text, references, strict=True)]
-        metrics = self._metrics(stats, rouge, shared, settings)
+        metrics = self._metrics(stats, rouge, shared, settings, scored=scorer is not None)
         records = [
             {
                 "id": p.id,
@@ -333,7 +362,7 @@ class TeacherRelativeEval(Evaluator):
                 "tokens": s.tokens,
                 "kl": s.kl if shared else None,  # sums over the tokens, as are agree and nll
                 "agree": s.agree if shared else None,
-                "nll": s.nll,
+                "nll": s.nll if scorer is not None else None,
             }
             for p, text, g, ref, r, s in zip(
                 prompts, own_text, own, references, rouge, stats, strict=True
@@ -383,12 +412,13 @@ class TeacherRelativeEval(Evaluator):
 
     @staticmethod
     def _metrics(
-        stats: list[TokenStats], rouge: list[float], shared: bool, settings: EvalSettings
+        stats: list[TokenStats],
+        rouge: list[float],
+        shared: bool,
+        settings: EvalSettings,
+        *,
+        scored: bool = True,
     ) -> dict[str, Score]:
-        counted = [s for s in stats if s.tokens > 0]
-        if not counted:
-            raise UserError("every teacher response is empty: nothing to compare")
-        tokens = [float(s.tokens) for s in counted]
         metrics: dict[str, Score] = {
             "rouge_l": Score.of_interval(
                 bootstrap_mean_interval(rouge, confidence=settings.confidence, seed=settings.seed),
@@ -396,6 +426,12 @@ class TeacherRelativeEval(Evaluator):
                 "bootstrap",
             )
         }
+        if not scored:  # a text-only model: its ROUGE-L alone
+            return metrics
+        counted = [s for s in stats if s.tokens > 0]
+        if not counted:
+            raise UserError("every teacher response is empty: nothing to compare")
+        tokens = [float(s.tokens) for s in counted]
         if shared:
             metrics["kl"] = ratio_score([s.kl for s in counted], tokens, settings)
             metrics["top1_agreement"] = ratio_score([s.agree for s in counted], tokens, settings)

@@ -34,6 +34,7 @@ from lmdistill.data.jsonl import (
     JsonlAppender,
     chat_messages,
     describe,
+    first_record,
     iter_jsonl,
     read_appended,
     write_json_atomic,
@@ -162,6 +163,11 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             "or 'messages' (a list of {role, content})",
         )
     return prompts
+
+
+def first_prompt(path: str | Path) -> Prompt:
+    """The file's first prompt, checked as `read_prompts` checks each (a recipe's cheap check)."""
+    return _parse_prompt(Path(path), *first_record(path))
 
 
 def _parse_prompt(path: Path, line: int, record: dict[str, Any]) -> Prompt:

@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
-from lmdistill.errors import UserError
+from lmdistill.errors import RecipeError, UserError
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
@@ -182,9 +182,13 @@ class RunRecipe(_Strict):
         return self
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunRecipe:
-    """Read and validate a run recipe; `key=value` overrides as in `lmdistill train`."""
-    from lmdistill.training.config import apply_override, describe, read_yaml_mapping
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True
+) -> RunRecipe:
+    """Read a run recipe (`key=value` overrides as in `lmdistill train`) and check all of it
+    before any stage runs (`lmdistill.pipelines.validate`): a RecipeError lists every problem.
+    check=False: the settings only, not the models, files and keys the machine must have."""
+    from lmdistill.training.config import apply_override, describe_lines, read_yaml_mapping
 
     path = Path(path)
     raw = read_yaml_mapping(path)
@@ -193,8 +197,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         recipe = RunRecipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {describe(exc)}") from None
-    train_config(recipe, str(path))  # a bad train section fails now, not after generation
+        raise RecipeError(str(path), describe_lines(exc)) from None
+    if not check:
+        train_config(recipe, str(path))
+        return recipe
+    from lmdistill.pipelines.validate import check_run_recipe
+
+    check_run_recipe(recipe, str(path))  # every problem now, none after hours of generation
     return recipe
 
 
@@ -260,23 +269,23 @@ def train_config(recipe: RunRecipe, source: str):
     paths = Paths(Path(recipe.run_dir))
     raw = json.loads(json.dumps(recipe.train))  # a deep copy; the recipe stays as written
     if "run_dir" in raw:
-        raise UserError(f"{source}: train.run_dir: set by the pipeline (run_dir/train); remove it")
+        raise RecipeError(source, ["train.run_dir: set by the pipeline (run_dir/train); remove it"])
     raw["run_dir"] = str(paths.train)
     data = raw.setdefault("data", {})
     if not isinstance(data, dict):
-        raise UserError(f"{source}: train.data: must be a mapping")
+        raise RecipeError(source, ["train.data: must be a mapping"])
     produced = recipe.generate is not None
     if produced and "path" in data:
-        raise UserError(f"{source}: train.data.path: the generate stage makes the data; remove it")
+        raise RecipeError(source, ["train.data.path: the generate stage makes the data; remove it"])
     if not produced and "path" not in data:
-        raise UserError(f"{source}: train.data.path: required when there is no generate stage")
+        raise RecipeError(source, ["train.data.path: required when there is no generate stage"])
     data.setdefault("path", training_data(recipe, paths))
     teacher = raw.setdefault("teacher", {})
     if recipe.cache_logits is not None:
         teacher.setdefault("cache", str(paths.cache))
     elif recipe.teacher is not None and _needs_online_teacher(raw):
         teacher.setdefault("model", recipe.teacher)
-    return validate(raw, f"{source}: train")
+    return validate(raw, source, key_prefix="train.")
 
 
 def _needs_online_teacher(raw: dict[str, Any]) -> bool:
@@ -646,11 +655,27 @@ def eval_extra_tasks(recipe: RunRecipe, paths: Paths) -> list[str]:
 
     e, g, p = recipe.eval, recipe.generate, recipe.prompts
     assert e is not None
-    tasks = [f"rel-jsonl:{paths.held_out}"] if e.held_out else []
+    tasks = [held_out_task(recipe, paths)] if e.held_out else []
     if g is not None and g.tools is not None:
         assert p is not None and p.task is not None  # checked when the recipe loads
         tasks.append(str(ToolUseSpec(p.task, tuple(g.tools), g.max_turns)))
     return tasks
+
+
+def held_out_task(recipe: RunRecipe, paths: Paths) -> str:
+    """The held-out prompts as an eval task: teacher-relative (KL, top-1 agreement, ROUGE-L)
+    when the teacher is evaluated and gives its logits; otherwise compared with the teacher's
+    answers in the file alone (ROUGE-L, perplexity), which is what a text-only teacher (an API)
+    or `eval.teacher: false` allows (issue 16)."""
+    from lmdistill.teachers.base import Capability
+    from lmdistill.teachers.registry import check_teacher
+
+    assert recipe.eval is not None and recipe.teacher is not None  # generate needs a teacher
+    if recipe.eval.teacher:
+        caps = check_teacher(recipe.teacher, **recipe.teacher_options)
+        if Capability.FULL_LOGITS in caps:
+            return f"rel-jsonl:{paths.held_out}"
+    return f"ref-jsonl:{paths.held_out}"
 
 
 def run_report(paths: Paths) -> str:

@@ -38,9 +38,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmdistill.errors import UserError
+from lmdistill.errors import RecipeError, UserError
 from lmdistill.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from lmdistill.training.config import Batch, Optim, apply_override, describe, read_yaml_mapping
+from lmdistill.training.config import (
+    Batch,
+    Optim,
+    apply_override,
+    describe_lines,
+    read_yaml_mapping,
+)
 
 if TYPE_CHECKING:
     from lmdistill.eval.base import EvalSettings
@@ -159,7 +165,7 @@ def load_self_distill_config(
     try:
         return SelfDistillConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {describe(exc)}") from None
+        raise RecipeError(str(path), describe_lines(exc)) from None
 
 
 def dump(config: SelfDistillConfig) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lmdistill.errors import UserError
+from lmdistill.errors import UserError, did_you_mean
 from lmdistill.tasks.base import Task
 from lmdistill.tasks.humaneval import HumanEval
 from lmdistill.tasks.jsonl import JsonlTask, split_spec
@@ -39,4 +39,5 @@ def get_task(spec: str) -> Task:
         return any_dataset_task(spec.removeprefix("rg:"))
     if spec in _BUILTINS:
         return _BUILTINS[spec]()
-    raise UserError(f"unknown task '{spec}'; choose one of: {', '.join(task_names())}")
+    hint = did_you_mean(spec, _BUILTINS)
+    raise UserError(f"unknown task '{spec}'{hint}; choose one of: {', '.join(task_names())}")

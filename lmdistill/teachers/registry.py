@@ -12,9 +12,10 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from lmdistill.errors import UserError
-from lmdistill.teachers.base import Teacher
+from lmdistill.errors import UserError, did_you_mean
+from lmdistill.teachers.base import Capability, Teacher
 from lmdistill.teachers.bundled import BUNDLED_NAMES
 
 
@@ -47,19 +48,79 @@ def load_teacher(spec: str, **options: Any) -> Teacher:
     if spec.startswith(("http://", "https://")):
         model = options.pop("model", None) or _only_served_model(spec, options)
         return _construct(_openai_teacher_class(), spec, model, base_url=spec, **options)
-    path = Path(spec).expanduser()
-    if (path / "config.json").is_file():
+    from lmdistill.teachers.local import HFTeacher
+
+    return _construct(HFTeacher, spec, _model_dir(spec), **options)
+
+
+def check_teacher(spec: str, **options: Any) -> Capability:
+    """What the teacher named by `spec` can give, found as `load_teacher` finds it but without
+    loading weights or calling a server, so a recipe is checked before hours of work: a bundled
+    name whose package is installed, a model dir with a config.json, vLLM installed, an API
+    model with its key set (the same constructor runs; it makes no request), or a well-formed
+    URL. `options` are checked against the teacher's constructor. Raises UserError."""
+    from lmdistill.teachers.bundled import gguf_path
+
+    if spec in BUNDLED_NAMES:
         from lmdistill.teachers.local import HFTeacher
 
-        return _construct(HFTeacher, spec, path, **options)
+        gguf_path(spec)  # the package holding its weights is installed
+        _check_options(HFTeacher, spec, options)
+        return HFTeacher.capabilities
+    if spec.startswith("vllm:"):
+        from lmdistill.teachers.vllm_teacher import VLLMTeacher, import_vllm
+
+        import_vllm()
+        target = spec.removeprefix("vllm:")
+        if target in BUNDLED_NAMES:
+            gguf_path(target)
+        elif target.startswith(("/", ".", "~")):  # else a Hub name, which vLLM itself fetches
+            _model_dir(target)
+        _check_options(VLLMTeacher, spec, options)
+        return VLLMTeacher.capabilities
+    if spec.startswith(("http://", "https://")):
+        _check_url(spec)
+        # Which model the server serves is asked only when the teacher loads (a network call);
+        # any name builds the same client settings here.
+        options = {"model": "served-model", **options}
+    if is_api_spec(spec):
+        return load_teacher(spec, **options).capabilities
+    from lmdistill.teachers.local import HFTeacher
+
+    _model_dir(spec)
+    _check_options(HFTeacher, spec, options)
+    return HFTeacher.capabilities
+
+
+def _model_dir(spec: str) -> Path:
+    """The Hugging Face model dir `spec` names, or a UserError saying what else it could be."""
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return path
     if path.exists():
         raise UserError(
             f"teacher '{spec}': {path} is not a Hugging Face model dir (no config.json)"
         )
+    if spec.startswith(("/", ".", "~")):
+        raise UserError(f"teacher '{spec}': no such model dir")
     raise UserError(
-        f"unknown teacher '{spec}': use a bundled name ({', '.join(BUNDLED_NAMES)}), "
-        "a Hugging Face model dir, openai:MODEL, or an http(s):// URL of an OpenAI-compatible server"
+        f"unknown teacher '{spec}'{did_you_mean(spec, BUNDLED_NAMES)}: use a bundled name "
+        f"({', '.join(BUNDLED_NAMES)}), a Hugging Face model dir, openai:MODEL, or an http(s):// "
+        "URL of an OpenAI-compatible server"
     )
+
+
+def _check_url(spec: str) -> None:
+    """A server URL must name a host (and a numeric port, if any) to be reachable at all."""
+    try:
+        parts = urlsplit(spec)
+        parts.port  # noqa: B018 - parsing the port raises ValueError when it is not a number
+    except ValueError:
+        parts = None
+    if parts is None or not parts.hostname:
+        raise UserError(
+            f"teacher '{spec}': not a well-formed URL (expected e.g. http://127.0.0.1:8000/v1)"
+        )
 
 
 def is_api_spec(spec: str) -> bool:
@@ -67,8 +128,8 @@ def is_api_spec(spec: str) -> bool:
     return spec.startswith(("openai:", "http://", "https://"))
 
 
-def _construct(cls: Callable[..., Teacher], spec: str, *args: Any, **options: Any) -> Teacher:
-    """`cls(*args, **options)`, turning an option the class does not take into a UserError."""
+def _check_options(cls: Callable[..., Teacher], spec: str, options: dict[str, Any]) -> None:
+    """A UserError for an option the teacher class does not take."""
     accepted = set(inspect.signature(cls).parameters)
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -76,6 +137,11 @@ def _construct(cls: Callable[..., Teacher], spec: str, *args: Any, **options: An
         raise UserError(
             f"teacher '{spec}' does not take option(s) {', '.join(unknown)} (it takes: {takes})"
         )
+
+
+def _construct(cls: Callable[..., Teacher], spec: str, *args: Any, **options: Any) -> Teacher:
+    """`cls(*args, **options)`, turning an option the class does not take into a UserError."""
+    _check_options(cls, spec, options)
     return cls(*args, **options)
 
 

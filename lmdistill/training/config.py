@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmdistill.errors import UserError
+from lmdistill.errors import RecipeError, UserError
 from lmdistill.losses.divergences import Divergence
 
 
@@ -316,15 +316,22 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return raw
 
 
-def validate(raw: dict[str, Any], source: str) -> TrainConfig:
+def validate(raw: dict[str, Any], source: str, *, key_prefix: str = "") -> TrainConfig:
+    """`raw` as a TrainConfig; a RecipeError with every schema problem, one per line, each key
+    prefixed with `key_prefix` (`train.` for a run recipe's train section)."""
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {describe(exc)}") from None
+        raise RecipeError(source, describe_lines(exc, key_prefix)) from None
 
 
 def describe(exc: ValidationError) -> str:
     """pydantic's errors as one line: `key.path: message (got VALUE)`; joined by '; '."""
+    return "; ".join(describe_lines(exc))
+
+
+def describe_lines(exc: ValidationError, key_prefix: str = "") -> list[str]:
+    """pydantic's errors, one `key.path: message (got VALUE)` each."""
     parts = []
     for error in exc.errors():
         loc = [str(p) for p in error["loc"]]
@@ -334,7 +341,7 @@ def describe(exc: ValidationError) -> str:
             for i, p in enumerate(loc)
             if not (p in OBJECTIVE_KINDS and i and loc[i - 1].isdigit())
         ]
-        key = ".".join(loc) or "recipe"
+        key = key_prefix + ".".join(loc)
         if error["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key")
         elif error["type"] == "missing":
@@ -343,9 +350,9 @@ def describe(exc: ValidationError) -> str:
             message = error["msg"].removeprefix("Value error, ")
             got = error.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-            # A whole-recipe check names its own keys in its message.
-            parts.append(f"{message}{shown}" if key == "recipe" else f"{key}: {message}{shown}")
-    return "; ".join(parts)
+            # A whole-recipe check names its own keys at the start of its message.
+            parts.append(f"{key}: {message}{shown}" if loc else f"{key_prefix}{message}{shown}")
+    return parts
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

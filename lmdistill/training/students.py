@@ -144,27 +144,16 @@ def student_from_teacher(
         tokenizer = tokenizer or loaded_tokenizer
         name = str(teacher)
     config = model.config
-    num_layers = config.num_hidden_layers
-    chosen = spread_layers(num_layers, layers) if isinstance(layers, int) else list(layers)
-    if not chosen or any(not 0 <= j < num_layers for j in chosen):
-        raise UserError(
-            f"student layers must be teacher layer indices in [0, {num_layers}), got {chosen}"
-        )
+    chosen = chosen_layers(config.num_hidden_layers, layers)
+    _check_width(config, "intermediate_size", intermediate_size)
+    _check_width(config, "hidden_size", hidden_size)
 
     student_config = _student_config(config, chosen, intermediate_size, hidden_size)
     state = _select_layers(model.state_dict(), decoder_layers_name(model), chosen)
     channels = None
     if intermediate_size is not None and intermediate_size != config.intermediate_size:
-        _check_narrowable(config, "intermediate_size", intermediate_size, config.intermediate_size)
         state = _narrow_mlp(state, intermediate_size)
     if hidden_size is not None and hidden_size != config.hidden_size:
-        _check_narrowable(config, "hidden_size", hidden_size, config.hidden_size)
-        if hidden_size % config.num_attention_heads:
-            # transformers' config validation insists on it, although head_dim is kept explicitly.
-            raise UserError(
-                f"hidden_size must be a multiple of the {config.num_attention_heads} attention "
-                f"heads, got {hidden_size}"
-            )
         channels = _important_channels(state, model, hidden_size)
         state = _narrow_hidden(state, channels, model)
 
@@ -201,6 +190,98 @@ def student_from_teacher(
     return info
 
 
+def chosen_layers(num_layers: int, layers: list[int] | int) -> list[int]:
+    """The teacher layers a student built from a `num_layers`-layer teacher keeps: `layers` as
+    given, or a count spread by `spread_layers`. A UserError when they do not fit the teacher."""
+    chosen = spread_layers(num_layers, layers) if isinstance(layers, int) else list(layers)
+    if not chosen or any(not 0 <= j < num_layers for j in chosen):
+        raise UserError(
+            f"student layers must be teacher layer indices in [0, {num_layers}), got {chosen}"
+        )
+    if len(set(chosen)) != len(chosen):
+        # The same teacher layer twice would share nothing after saving, but it is almost
+        # certainly a typo in a layer list.
+        raise UserError(f"student layers repeat a teacher layer: {chosen}")
+    return chosen
+
+
+def _check_width(config: Any, what: str, new: int | None) -> None:
+    """A UserError when the teacher `config` cannot be narrowed to `new` in `what`
+    (intermediate_size or hidden_size); None or the teacher's own size keep it as it is."""
+    old = getattr(config, what)
+    if new is None or new == old:
+        return
+    _check_narrowable(config, what, new, old)
+    if what == "hidden_size" and new % config.num_attention_heads:
+        # transformers' config validation insists on it, although head_dim is kept explicitly.
+        raise UserError(
+            f"hidden_size must be a multiple of the {config.num_attention_heads} attention "
+            f"heads, got {new}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide whether a student fits its teacher, read from a config alone (no
+    weights): attribute names as in a transformers config, so the checks above take either."""
+
+    model_type: str
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+
+
+def model_shape(spec: str | Path) -> ModelShape:
+    """The shape of a bundled model (from its converted dir, else its GGUF's header) or of a
+    model dir (its config.json; a multimodal config's text_config)."""
+    from lmdistill.teachers.bundled import BUNDLED_NAMES, bundled_config
+
+    if str(spec) in BUNDLED_NAMES:
+        raw = bundled_config(str(spec))
+    else:
+        path = Path(spec).expanduser() / "config.json"
+        if not path.is_file():
+            raise UserError(f"{path.parent} is not a Hugging Face model dir (no config.json)")
+        raw = json.loads(path.read_text())
+        raw = {**raw, **(raw.get("text_config") or {})}
+    try:
+        return ModelShape(
+            model_type=str(raw["model_type"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            vocab_size=int(raw["vocab_size"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"model '{spec}': its config lacks {exc} (not a decoder LM?)") from None
+
+
+def student_problems(
+    teacher: ModelShape,
+    *,
+    layers: list[int] | int,
+    intermediate_size: int | None = None,
+    hidden_size: int | None = None,
+) -> dict[str, str]:
+    """What `student_from_teacher` would refuse, by its argument's name, found from the teacher's
+    shape alone: the same checks, run before any weight is loaded."""
+    checks = {
+        "layers": lambda: chosen_layers(teacher.num_hidden_layers, layers),
+        "intermediate_size": lambda: _check_width(teacher, "intermediate_size", intermediate_size),
+        "hidden_size": lambda: _check_width(teacher, "hidden_size", hidden_size),
+    }
+    problems = {}
+    for name, check in checks.items():
+        try:
+            check()
+        except UserError as exc:
+            problems[name] = str(exc)
+    return problems
+
+
 def source_layers(student_dir: str | Path) -> list[int] | None:
     """The teacher layer each student layer was copied from, when the student was built by
     `student_from_teacher`; else None."""
@@ -234,11 +315,7 @@ def _student_config(
 def _select_layers(state: dict[str, Tensor], prefix: str, chosen: list[int]) -> dict[str, Tensor]:
     """Teacher weights renamed for the student: layer chosen[i] becomes layer i."""
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
-    source = {j: i for i, j in enumerate(chosen)}
-    if len(source) != len(chosen):
-        # The same teacher layer twice would share nothing after saving, but it is almost
-        # certainly a typo in a layer list.
-        raise UserError(f"student layers repeat a teacher layer: {chosen}")
+    source = {j: i for i, j in enumerate(chosen)}  # distinct: checked by chosen_layers
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         match = pattern.match(key)

@@ -25,6 +25,8 @@ def test_dry_run_prints_the_resolved_recipe_and_the_plan_without_loading(
     raw = yaml.safe_load((ROOT / "recipes" / "on_policy.yaml").read_text())["train"]
     raw.update(run_dir=str(tmp_path / "run"), teacher={"model": "smollm2-135m-instruct"})
     raw["data"]["path"] = str(tmp_path / "responses.jsonl")
+    # The dry run checks the data file's first record (it reads no more).
+    (tmp_path / "responses.jsonl").write_text('{"prompt": "1 + 1?", "response": "2"}\n')
     recipe = tmp_path / "on_policy_train.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     overrides = ["optim.steps=40", "on_policy.lambda=0.25"]

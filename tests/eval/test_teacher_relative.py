@@ -166,3 +166,46 @@ def test_the_teachers_own_greedy_file_is_not_generated_again(
     made.write_text("".join(json.dumps(r) + "\n" for r in edited))
     with pytest.raises(AssertionError, match="generated again"):
         TeacherRelativeEval("rel-jsonl:made", path=made).run(teacher, settings)
+
+
+def test_against_the_files_responses_no_teacher_is_needed(tmp_path, student):
+    """ref-jsonl: a text-only teacher's answers are the references. The student gets ROUGE-L
+    against them and the perplexity of their tokens (no KL or agreement: there is no teacher
+    distribution); a text-only model gets ROUGE-L alone; a line without a response is refused."""
+    from eval_fakes import ScriptedTeacher
+
+    from lmdistill.errors import UserError
+    from lmdistill.eval.rouge import rouge_l
+
+    path = tmp_path / "held_out.jsonl"
+    rows = [
+        {"id": "a", "prompt": "Hello", "response": "Hello world"},
+        {"id": "b", "prompt": "What is 2 + 3?", "response": "The answer is 5."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = TeacherRelativeEval("ref-jsonl:held_out", path=path, references=True)
+    assert not task.needs_teacher
+    settings = EvalSettings(max_tokens=6)
+
+    result = task.run(student, settings)
+    assert set(result.metrics) == {"rouge_l", "perplexity"}
+    references = [r["response"] for r in rows]
+    plain = [  # (kl, nll, agree, tokens) from one plain forward pass per reference
+        reference_stats(student, student, [{"role": "user", "content": r["prompt"]}], ref, True)
+        for r, ref in zip(rows, references, strict=True)
+    ]
+    nll, tokens = sum(p[1] for p in plain), sum(p[3] for p in plain)
+    assert result.metrics["perplexity"].value == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+    for record, reference in zip(result.records, references, strict=True):
+        assert record["reference"] == reference
+        assert record["rouge_l"] == rouge_l(record["response"], reference).f
+        assert record["kl"] is None
+
+    api = ScriptedTeacher(lambda messages, _: "Hello world")  # text only, like an API
+    answered = task.run(api, settings)
+    assert set(answered.metrics) == {"rouge_l"}
+    assert answered.per_example == [1.0, rouge_l("Hello world", "The answer is 5.").f]
+
+    path.write_text(json.dumps({"id": "c", "prompt": "Hi"}) + "\n")
+    with pytest.raises(UserError, match=r"\['c'\] have no 'response'"):
+        TeacherRelativeEval("ref-jsonl:held_out", path=path, references=True)

@@ -134,7 +134,10 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir, caps
             {"prompts": {"task": "tool_use"}, "generate": {"tools": ["search"]}},
             "generate.tools: unknown tool 'search'",
         ),
-        ({"train": {"objectives": [{"kind": "sft"}], "student": {}}}, "train: "),
+        (
+            {"train": {"objectives": [{"kind": "sft"}], "student": {}}},
+            "train.student: give exactly one of",
+        ),
     ],
 )
 def test_bad_recipes_are_one_line_errors_naming_the_key(tmp_path, tiny_model_dir, change, message):
@@ -269,3 +272,19 @@ def test_a_tool_use_recipe_evaluates_the_tool_loop_as_an_eval_task(
     alone = load_recipe(path, ["eval.tasks=[]", "generate.tools=[]", "generate.max_turns=4"])
     run_eval(alone, Paths(tmp_path / "run"))  # the tool loop alone is a task list
     assert calls[-1] == ["tool-use"]
+
+
+def test_held_out_with_the_teacher_off_compares_with_its_answers(tmp_path, tiny_model_dir):
+    """eval.held_out with eval.teacher false (as with a text-only API teacher): the eval stage
+    scores the student against the teacher's answers in held_out.jsonl, with no teacher model."""
+    path = _recipe(tmp_path, tiny_model_dir)
+    recipe = load_recipe(path, ["eval.teacher=false"])
+    result = run_recipe(recipe, source=str(path), log=None)
+    assert set(_status(result).values()) == {"ran"}
+    report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    (name,) = [n for n in report["tasks"] if n.startswith("ref-jsonl:")]
+    assert list(report["models"]) == ["student"]
+    task = report["tasks"][name]
+    assert (task["metric"], task["n"]) == ("rouge_l", 3)  # eval.limit held-out prompts
+    assert set(task["metrics"]) == {"rouge_l", "perplexity"}  # no KL or agreement
+    assert task["details"]["student"]["reference"] == "file"

@@ -151,3 +151,26 @@ def test_bundled_teacher_knows_the_capital_of_france(real_cache: Path) -> None:
     assert "Tokyo" in japan.text, japan.text
     assert france.finish_reason == "stop"
     print(f"bundled teacher: loaded in {load_s:.2f} s; answer: {france.text!r}")
+
+
+def test_the_gguf_header_gives_the_config_without_converting(tmp_path, monkeypatch):
+    """A recipe check reads the bundled teacher's sizes from its GGUF's header in well under a
+    second; every header value agrees with the gguf package's full reader."""
+    from gguf import GGUFReader, GGUFValueType
+
+    monkeypatch.setenv(bundled.CACHE_ENV, str(tmp_path))  # nothing converted here
+    config = bundled.bundled_config(NAME)
+    assert not (tmp_path / "models").exists()
+    sizes = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+    assert config["model_type"] == "llama"  # SmolLM2-135M's config.json:
+    assert [config[k] for k in sizes] == [30, 576, 1536, 9]
+    assert config["vocab_size"] == 49152
+
+    ours = bundled.gguf_metadata(bundled.gguf_path(NAME))
+    reader = GGUFReader(bundled.gguf_path(NAME))
+    theirs = {
+        key: len(field.data) if field.types[0] == GGUFValueType.ARRAY else field.contents()
+        for key, field in reader.fields.items()
+        if not key.startswith("GGUF.")
+    }
+    assert ours == pytest.approx(theirs)

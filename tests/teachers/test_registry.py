@@ -79,3 +79,29 @@ def test_vllm_spec_without_vllm_is_a_clear_error() -> None:
         pytest.skip("vLLM is installed here")
     with pytest.raises(UserError, match=r"needs vLLM.*pip install"):
         load_teacher("vllm:smollm2-135m-instruct")
+
+
+def test_check_teacher_resolves_a_spec_without_loading_it(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a recipe check asks: the same resolution as load_teacher, no weights, no request."""
+    from lmdistill.teachers.base import Capability
+    from lmdistill.teachers.registry import check_teacher
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("check_teacher must not load a model")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert Capability.FULL_LOGITS in check_teacher(str(tiny_model_dir), batch_size=2)
+    assert check_teacher("http://127.0.0.1:9/v1") == Capability.TEXT  # nothing listens there
+    with pytest.raises(UserError, match="not a well-formed URL"):
+        check_teacher("http://:8000/v1")
+    with pytest.raises(UserError, match=r"does not take option\(s\) concurrency"):
+        check_teacher(str(tiny_model_dir), concurrency=2)
+    with pytest.raises(UserError, match=r"set \$OPENAI_API_KEY"):
+        check_teacher("openai:gpt-4o-mini")
+    with pytest.raises(UserError, match=r"\(did you mean smollm2-135m-instruct\?\)"):
+        check_teacher("smollm2-135m-instrct")

@@ -108,7 +108,9 @@ def test_malformed_overrides_and_yaml_are_user_errors(tmp_path: Path):
         load_config(bad)
 
 
-def test_the_cli_reports_a_bad_recipe_in_one_line_without_a_traceback(tmp_path: Path):
+def test_the_cli_reports_each_problem_of_a_bad_recipe_on_a_line_without_a_traceback(
+    tmp_path: Path,
+):
     path = write(tmp_path, {**MINIMAL, "optim": {"lr": "fast", "warmup": 3}})
     proc = subprocess.run(
         [sys.executable, "-m", "lmdistill", "train", str(path)],
@@ -119,12 +121,10 @@ def test_the_cli_reports_a_bad_recipe_in_one_line_without_a_traceback(tmp_path: 
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert (
-        "optim.lr: Input should be a valid number" in lines[0]
-        and "optim.warmup: unknown key" in lines[0]
-    )
-    assert lines[0].startswith("lmdistill train: error: ") and str(path) in lines[0]
+    assert len(lines) == 2, proc.stderr
+    prefix = f"lmdistill train: error: {path}: "
+    assert lines[0].startswith(prefix + "optim.lr: Input should be a valid number")
+    assert lines[1] == prefix + "optim.warmup: unknown key"
 
 
 def test_on_policy_needs_an_online_teacher_and_a_logits_objective(tmp_path: Path):

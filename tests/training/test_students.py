@@ -12,11 +12,13 @@ from lmdistill.errors import UserError
 from lmdistill.training.students import (
     LoraSettings,
     apply_lora,
+    model_shape,
     non_embedding_parameters,
     save_student,
     source_layers,
     spread_layers,
     student_from_teacher,
+    student_problems,
 )
 
 IDS = torch.tensor([[3, 17, 40, 41, 99, 7, 12]])
@@ -110,3 +112,34 @@ def test_a_lora_student_saves_merged_as_a_plain_model_dir(student_dir: Path, tmp
     save_student(lora, AutoTokenizer.from_pretrained(student_dir), tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     torch.testing.assert_close(logits(tmp_path / "merged"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"layers": 3},
+        {"layers": [0, 0]},
+        {"layers": [0, 5]},
+        {"layers": 1, "hidden_size": 30},
+        {"layers": 1, "intermediate_size": 100},
+    ],
+    ids=["too-many", "repeated", "out-of-range", "heads", "wider"],
+)
+def test_student_problems_finds_from_the_config_what_student_from_teacher_refuses(
+    tiny_model_dir: Path, tmp_path: Path, kwargs
+):
+    """The recipe check (`student_problems`, config only) and the build agree, word for word."""
+    problems = student_problems(model_shape(tiny_model_dir), **kwargs)
+    assert len(problems) == 1
+    with pytest.raises(UserError) as refused:
+        student_from_teacher(tiny_model_dir, out_dir=tmp_path / "student", **kwargs)
+    assert str(refused.value) == next(iter(problems.values()))
+
+
+def test_student_problems_accepts_what_student_from_teacher_builds(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    kwargs = {"layers": [1], "hidden_size": 16, "intermediate_size": 32}
+    assert student_problems(model_shape(tiny_model_dir), **kwargs) == {}
+    info = student_from_teacher(tiny_model_dir, out_dir=tmp_path / "student", **kwargs)
+    assert (info.layers, info.hidden_size, info.intermediate_size) == ([1], 16, 32)
