@@ -1,0 +1,472 @@
+"""Which distillation method beats plain fine-tuning? Every method side by side, over seeds.
+
+    .venv/bin/python bench/methods.py                        # the default set, 3 seeds
+    .venv/bin/python bench/methods.py --methods sft,fkl --seeds 0,1,2,3,4 --out runs/bench-methods
+
+One teacher (the bundled SmolLM2-135M-Instruct), one set of teacher data (its greedy answers to
+the bundled training prompts, 252), one student initialisation (7 of the teacher's 30 layers),
+and for every method and seed a student trained for the same number of optimizer steps (SFT's:
+`--epochs` over the greedy answers; on-policy distillation continues the SFT student for
+`--opd-steps` more, and says so). Each student is scored on the same held-out prompts (the
+bundled test split plus `prompts_extra_test.jsonl`: 262 prompts the students never saw;
+teacher-relative KL and top-1 agreement on the teacher's answers, ROUGE-L of the student's greedy
+answer against the teacher's) and on the verifiable task (reasoning-gym arithmetic_1digit, test
+split).
+
+Methods (`--methods`, comma-separated):
+  sft       response distillation: cross-entropy on the teacher's greedy answers
+  seqkd     SFT on n = 4 answers sampled from the teacher at T = 0.7 per prompt (SeqKD with
+            samples), the same number of steps
+  fkl       forward KL to the teacher's top-32 distribution from the offline cache, mixed 50/50
+            with CE (the quickstart's KD)
+  rkl       reverse KL to the online teacher's full distribution, 50/50 with CE (MiniLLM's
+            direction, off-policy)
+  skew_rkl  skew reverse KL (DistiLLM, s = 0.1), online teacher, 50/50 with CE; DistiLLM's
+            adaptive off-policy replay of student samples is NOT implemented here
+  gkd       GKD: generalized JSD (beta 0.5), lambda 0.5 (half the steps on the student's own
+            samples), online teacher
+  opd       on-policy distillation: the SFT student continues with per-token reverse KL to the
+            teacher on its own samples (lambda 1), `--opd-steps` steps
+
+Every (method, seed) result is cached under `--out` (a rerun skips what is done, so the bench is
+resumable and can be grown with more seeds). The table reports each method minus SFT pooled over
+the seeds with a two-way paired bootstrap (seeds and examples resampled;
+`eval.stats.pooled_paired_difference_interval`), "better"/"worse" only when the interval
+excludes 0. The last line is JSON with best_method, best_vs_sft_rouge_l (+ _low), best_vs_sft_top1,
+opd_vs_sft_rouge_l, best_task_retention, seeds, minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmdistill.data.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
+from lmdistill.eval.stats import pooled_paired_difference_interval
+from lmdistill.pipelines.quickstart import ASSETS, MAX_LENGTH, PROMPTS
+
+EXTRA_PROMPTS = ASSETS / "prompts_extra_test.jsonl"
+TEACHER = "smollm2-135m-instruct"
+ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd")
+TASK = "arithmetic_1digit"
+
+
+@dataclass(frozen=True)
+class Bench:
+    out: Path
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    epochs: float = 3.0
+    lr: float = 5e-4
+    layers: int = 7
+    max_tokens: int = 96
+    top_k: int = 32
+    samples: int = 4
+    sample_temperature: float = 0.7
+    opd_steps: int = 25
+    opd_lr: float = 1e-4
+    task_limit: int = 80
+    progress: bool = False
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ data
+def data_paths(b: Bench) -> dict[str, Path]:
+    d = b.out / "data"
+    return {
+        "prompts": d / "prompts.jsonl",
+        "greedy": d / "teacher_greedy.jsonl",
+        "held_out": d / "held_out.jsonl",
+        "train_prompts": d / "train_prompts.jsonl",
+        "sampled": d / "teacher_sampled.jsonl",
+        "cache": d / "cache",
+    }
+
+
+def teacher_answers(b: Bench, prompts: Path, out: Path, params) -> None:
+    """The teacher's answers to `prompts` into `out` (resumable: `generate` continues a file)."""
+    from lmdistill.pipelines.generate import generate, read_prompts
+    from lmdistill.teachers.registry import load_teacher
+
+    teacher = load_teacher(TEACHER, batch_size=32)
+    try:
+        summary = generate(teacher, read_prompts(prompts), out, params, progress=b.progress)
+    finally:
+        teacher.close()
+    if summary.failed:
+        raise RuntimeError(f"{summary.failed} prompts failed; rerun to retry them")
+
+
+def data_stage(b: Bench) -> dict[str, Path]:
+    """The teacher's greedy answers to every prompt, the held-out file and the top-k cache; each
+    made once. (The sampled answers SeqKD needs are made only when it runs: `sampled_data`.)"""
+    from lmdistill.pipelines.quickstart import QuickstartSettings, cache_stage, held_out_file
+    from lmdistill.teachers import SamplingParams
+
+    paths = data_paths(b)
+    paths["prompts"].parent.mkdir(parents=True, exist_ok=True)
+    if not paths["prompts"].exists():
+        rows = [r for path in (PROMPTS, EXTRA_PROMPTS) for _, r in iter_jsonl(path)]
+        write_jsonl_atomic(paths["train_prompts"], [r for r in rows if r["split"] == "train"])
+        write_jsonl_atomic(paths["prompts"], rows)
+    done = paths["prompts"].parent / "data.done"
+    if done.exists():
+        return paths
+    say("[data] the teacher's greedy answers")
+    params = SamplingParams(temperature=0.0, max_tokens=b.max_tokens)
+    teacher_answers(b, paths["prompts"], paths["greedy"], params)
+    held_out_file(paths["greedy"], paths["held_out"])
+    say("[data] the teacher's top-k cache")
+    qs = QuickstartSettings(teacher=TEACHER, kd_top_k=b.top_k, progress=b.progress)
+    cache_stage(qs, paths["greedy"], paths["cache"])
+    done.touch()
+    return paths
+
+
+def sampled_data(b: Bench, paths: dict[str, Path]) -> None:
+    """n answers per training prompt sampled from the teacher (SeqKD's data)."""
+    from lmdistill.teachers import SamplingParams
+
+    done = paths["sampled"].with_suffix(".done")
+    if done.exists():
+        return
+    say(f"[data] {b.samples} sampled teacher answers per training prompt")
+    params = SamplingParams(
+        temperature=b.sample_temperature, max_tokens=b.max_tokens, n=b.samples, seed=0
+    )
+    teacher_answers(b, paths["train_prompts"], paths["sampled"], params)
+    done.touch()
+
+
+def student_stage(b: Bench) -> Path:
+    from lmdistill.training.students import student_from_teacher
+
+    out = b.out / "students" / f"spread{b.layers}"
+    if not (out / "config.json").exists():
+        student_from_teacher(TEACHER, layers=b.layers, out_dir=out)
+    return out
+
+
+# ------------------------------------------------------------------------------- methods
+def base_config(b: Bench, run_dir: Path, student: Path, data: Path, seed: int) -> dict[str, Any]:
+    """The quickstart's training settings (see pipelines/quickstart.train_config)."""
+    return {
+        "run_dir": str(run_dir),
+        "seed": seed,
+        "student": {"model": str(student)},
+        "teacher": {},
+        "data": {"path": str(data), "split": "train", "max_length": MAX_LENGTH},
+        "batch": {"tokens_per_micro_batch": 1024, "micro_batches_per_step": 1, "packing": True},
+        "objectives": [{"kind": "sft"}],
+        "optim": {"lr": b.lr, "warmup_steps": 5, "epochs": b.epochs, "schedule": "cosine"},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"progress": b.progress, "tensorboard": False},
+    }
+
+
+def logits(divergence: str, alpha: float = 0.5, **extra: Any) -> dict[str, Any]:
+    return {"kind": "logits", "divergence": divergence, "alpha": alpha, **extra}
+
+
+def method_config(
+    b: Bench, method: str, seed: int, paths: dict[str, Path], student: Path, sft_steps: int
+) -> dict[str, Any]:
+    run_dir = b.out / "runs" / method / f"seed{seed}"
+    raw = base_config(b, run_dir, student, paths["greedy"], seed)
+    online = {"model": TEACHER}
+    if method == "sft":
+        return raw
+    raw["optim"] = {**raw["optim"], "steps": sft_steps}
+    if method == "seqkd":
+        raw["data"]["path"] = str(paths["sampled"])
+    elif method == "fkl":
+        raw["objectives"] = [logits("forward_kl")]
+        raw["teacher"] = {"cache": str(paths["cache"])}
+    elif method == "rkl":
+        raw["objectives"] = [logits("reverse_kl")]
+        raw["teacher"] = online
+    elif method == "skew_rkl":
+        raw["objectives"] = [logits("skew_reverse_kl", skew=0.1)]
+        raw["teacher"] = online
+    elif method == "gkd":
+        raw["objectives"] = [logits("jsd", beta=0.5)]
+        raw["teacher"] = online
+        raw["on_policy"] = {"lambda": 0.5, "max_new_tokens": b.max_tokens}
+    elif method == "opd":
+        raw["student"] = {"model": str(b.out / "runs" / "sft" / f"seed{seed}" / "final")}
+        raw["objectives"] = [logits("reverse_kl", alpha=1.0)]
+        raw["teacher"] = online
+        raw["on_policy"] = {"lambda": 1.0, "max_new_tokens": b.max_tokens}
+        raw["optim"] = {"lr": b.opd_lr, "warmup_steps": 0, "steps": b.opd_steps}
+    else:
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    return raw
+
+
+def train_run(raw: dict[str, Any], name: str) -> tuple[Path, float, int]:
+    """Train unless done; (final dir, training seconds, optimizer steps)."""
+    from lmdistill.training.config import validate
+    from lmdistill.training.loop import train_unless_done
+
+    run_dir = Path(raw["run_dir"])
+    timing = run_dir / "bench-train.json"
+    if not timing.exists():
+        start = time.perf_counter()
+        train_unless_done(validate(raw, name))
+        steps = sum(1 for _, r in iter_jsonl(run_dir / "metrics.jsonl") if "loss" in r)
+        write_json_atomic(timing, {"seconds": time.perf_counter() - start, "steps": steps})
+    t = json.loads(timing.read_text())
+    return run_dir / "final", t["seconds"], t["steps"]
+
+
+# ---------------------------------------------------------------------------------- eval
+def scores(b: Bench, model: str, paths: dict[str, Path]) -> dict[str, Any]:
+    """Per-example held-out records (rouge_l, agree, kl, tokens) and task scores of `model`,
+    in a fixed example order; evaluate() caches every (model, task) under out/eval-cache."""
+    from lmdistill.eval.base import EvalSettings
+    from lmdistill.eval.runner import evaluate
+
+    cache = b.out / "eval-cache"
+    common = dict(teacher=TEACHER, cache_dir=cache, measure_cost=False, log=None)
+    rel = evaluate(
+        model,
+        [f"rel-jsonl:{paths['held_out']}"],
+        settings=EvalSettings(max_tokens=b.max_tokens, batch_size=16),
+        **common,
+    )
+    task = evaluate(
+        model,
+        [TASK],
+        settings=EvalSettings(limit=b.task_limit, max_tokens=b.max_tokens, batch_size=16),
+        **common,
+    )
+    records = sorted(rel.tasks[0].results["student"].records, key=lambda r: str(r["id"]))
+    t = task.tasks[0]
+    return {
+        "ids": [str(r["id"]) for r in records],
+        "rouge_l": [float(r["rouge_l"]) for r in records],
+        "agree": [float(r["agree"]) for r in records],
+        "kl": [float(r["kl"]) for r in records],
+        "tokens": [float(r["tokens"]) for r in records],
+        "task_scores": dict(
+            zip(t.results["student"].example_ids, t.results["student"].per_example, strict=True)
+        ),
+        "teacher_task": t.results["teacher"].metrics[t.primary].value,
+    }
+
+
+def method_result(b: Bench, method: str, seed: int, paths, student, sft_steps) -> dict[str, Any]:
+    out = b.out / "results" / f"{method}-seed{seed}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    if method == "seqkd":
+        sampled_data(b, paths)
+    say(f"[{method} seed {seed}] training ...")
+    raw = method_config(b, method, seed, paths, student, sft_steps)
+    final, seconds, steps = train_run(raw, f"bench {method} seed {seed}")
+    say(f"[{method} seed {seed}] trained in {seconds:.0f}s ({steps} steps); evaluating ...")
+    result = {"method": method, "seed": seed, "train_seconds": seconds, "steps": steps}
+    result.update(scores(b, str(final), paths))
+    write_json_atomic(out, result)
+    return result
+
+
+# ------------------------------------------------------------------------------- summary
+@dataclass(frozen=True)
+class Diff:
+    value: float
+    low: float
+    high: float
+    higher_is_better: bool
+
+    @property
+    def verdict(self) -> str:
+        if self.low > 0 or self.high < 0:
+            return "better" if (self.low > 0) == self.higher_is_better else "worse"
+        return "tie"
+
+    def __str__(self) -> str:
+        return f"{self.value:+.3f} [{self.low:+.3f}, {self.high:+.3f}] {self.verdict}"
+
+
+METRICS: dict[str, tuple[str, bool, bool]] = {
+    # name: (record field, per-token ratio?, higher is better)
+    "rouge_l": ("rouge_l", False, True),
+    "top1": ("agree", True, True),
+    "kl": ("kl", True, False),
+}
+
+
+def matrix(results: list[dict[str, Any]], field: str, ids: list[str]) -> np.ndarray:
+    rows = []
+    for r in results:
+        by_id = dict(zip(r["ids"], r[field], strict=True))
+        rows.append([by_id[i] for i in ids])
+    return np.asarray(rows)
+
+
+def vs_sft(method_runs: list[dict], sft_runs: list[dict], metric: str) -> Diff:
+    """Method minus SFT over the seeds both have, paired by seed and example."""
+    field, per_token, higher = METRICS[metric]
+    ids = sorted(set(method_runs[0]["ids"]) & set(sft_runs[0]["ids"]))
+    a, b = matrix(method_runs, field, ids), matrix(sft_runs, field, ids)
+    tokens = matrix(method_runs, "tokens", ids) if per_token else None
+    i = pooled_paired_difference_interval(a, b, a_tokens=tokens, b_tokens=tokens)
+    return Diff(i.estimate, i.low, i.high, higher)
+
+
+def task_matrix(runs: list[dict]) -> tuple[np.ndarray, list[str]]:
+    ids = sorted(set.intersection(*(set(r["task_scores"]) for r in runs)))
+    return np.asarray([[r["task_scores"][i] for i in ids] for r in runs]), ids
+
+
+def summarize(b: Bench, results: dict[str, dict[int, dict]], minutes: float) -> dict[str, Any]:
+    seeds_of = {m: sorted(r) for m, r in results.items()}
+    sft = results.get("sft", {})
+    rows = []
+    for method, by_seed in results.items():
+        seeds = [s for s in seeds_of[method] if s in sft]
+        runs = [by_seed[s] for s in seeds_of[method]]
+        row: dict[str, Any] = {"method": method, "seeds": seeds_of[method]}
+        row["steps"] = float(np.mean([r["steps"] for r in runs]))
+        row["train_minutes"] = float(np.mean([r["train_seconds"] for r in runs])) / 60
+        for metric, (field, per_token, _) in METRICS.items():
+            vals = [np.asarray(r[field]) for r in runs]
+            tok = [np.asarray(r["tokens"]) for r in runs]
+            row[metric] = float(
+                np.mean(
+                    [
+                        (v.sum() / t.sum()) if per_token else v.mean()
+                        for v, t in zip(vals, tok, strict=True)
+                    ]
+                )
+            )
+        scores_, _ = task_matrix(runs)
+        row["task"] = float(scores_.mean())
+        row["task_retention"] = row["task"] / runs[0]["teacher_task"]
+        if method != "sft" and seeds:
+            row["vs_sft"] = {}
+            for m in METRICS:
+                d = vs_sft([by_seed[s] for s in seeds], [sft[s] for s in seeds], m)
+                row["vs_sft"][m] = {**d.__dict__, "verdict": d.verdict}
+        rows.append(row)
+    return {"rows": rows, "minutes": minutes, "teacher_task": _teacher_task(results)}
+
+
+def _teacher_task(results: dict[str, dict[int, dict]]) -> float | None:
+    for by_seed in results.values():
+        for r in by_seed.values():
+            return float(r["teacher_task"])
+    return None
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    head = (
+        "| method | seeds | steps | train min | ROUGE-L | top-1 | KL | "
+        f"{TASK} (retention) | ROUGE-L − SFT | top-1 − SFT | KL − SFT |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in summary["rows"]:
+        d = r.get("vs_sft")
+
+        def fmt(m: str, d=d) -> str:
+            if not d:
+                return "–"
+            x = d[m]
+            v = f"{x['value']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]"
+            return f"**{v}** {x['verdict']}" if x["verdict"] != "tie" else f"{v} tie"
+
+        lines.append(
+            f"| {r['method']} | {len(r['seeds'])} | {r['steps']:.0f} | {r['train_minutes']:.1f} | "
+            f"{r['rouge_l']:.3f} | {r['top1']:.3f} | {r['kl']:.2f} | "
+            f"{r['task']:.3f} ({r['task_retention']:.2f}) | {fmt('rouge_l')} | {fmt('top1')} | "
+            f"{fmt('kl')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def headline(summary: dict[str, Any], seeds: tuple[int, ...]) -> dict[str, Any]:
+    """The JSON line: the best method by its ROUGE-L interval's lower bound against SFT."""
+    rows = [r for r in summary["rows"] if "vs_sft" in r]
+    by = {r["method"]: r for r in summary["rows"]}
+    best = max(rows, key=lambda r: r["vs_sft"]["rouge_l"]["low"], default=None)
+    opd = by.get("opd", {}).get("vs_sft", {}).get("rouge_l", {}).get("value")
+    return {
+        "best_method": best["method"] if best else None,
+        "best_vs_sft_rouge_l": round(best["vs_sft"]["rouge_l"]["value"], 4) if best else None,
+        "best_vs_sft_rouge_l_low": round(best["vs_sft"]["rouge_l"]["low"], 4) if best else None,
+        "best_vs_sft_top1": round(best["vs_sft"]["top1"]["value"], 4) if best else None,
+        "opd_vs_sft_rouge_l": round(opd, 4) if opd is not None else None,
+        "best_task_retention": round(max(r["task_retention"] for r in summary["rows"]), 3),
+        "seeds": len(seeds),
+        "minutes": round(summary["minutes"], 1),
+    }
+
+
+# ---------------------------------------------------------------------------------- main
+def run(b: Bench, *, before: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    paths = data_stage(b)
+    student = student_stage(b)
+    # SFT first (the others take its step count, and opd starts from its student), then one
+    # method at a time over every seed, so a bench stopped early has whole methods to compare.
+    order = ["sft", *[m for m in b.methods if m != "sft"]]
+    results: dict[str, dict[int, dict]] = {}
+    for method in order:
+        for seed in b.seeds:
+            sft_steps = results["sft"][seed]["steps"] if method != "sft" else 0
+            results.setdefault(method, {})[seed] = method_result(
+                b, method, seed, paths, student, sft_steps
+            )
+    summary = summarize(b, results, (time.perf_counter() - started) / 60)
+    (b.out / "methods.md").write_text(markdown(summary))
+    write_json_atomic(b.out / "methods.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/bench-methods"))
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (default 0,1,2)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated")
+    p.add_argument(
+        "--epochs", type=float, default=3.0, help="SFT epochs; sets every method's steps"
+    )
+    p.add_argument("--layers", type=int, default=7, help="teacher layers the student keeps")
+    p.add_argument("--opd-steps", type=int, default=25, help="on-policy steps after SFT")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    a = p.parse_args(argv)
+    methods = tuple(m for m in a.methods.split(",") if m)
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; known: {', '.join(ALL_METHODS)}")
+    b = Bench(
+        out=a.out,
+        seeds=tuple(int(s) for s in a.seeds.split(",")),
+        methods=methods,
+        epochs=a.epochs,
+        layers=a.layers,
+        opd_steps=a.opd_steps,
+        progress=a.progress,
+    )
+    summary = run(b)
+    print(markdown(summary))
+    print(json.dumps(headline(summary, b.seeds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
