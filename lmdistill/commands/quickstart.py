@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--eval-limit", type=int, default=80, help="examples per evaluation task (default 80)"
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of both students (default 0); use another --out per seed",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             student_layers=args.layers,
             eval_limit=args.eval_limit,
+            seed=args.seed,
             progress=not args.no_progress,
         )
     )

@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmdistill.errors import UserError
+from lmdistill.store.atomic import write_text_atomic
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MAX_LENGTH = 384  # tokens per training example (prompt + response)
 PROMPTS = ASSETS / "prompts.jsonl"
@@ -50,6 +53,7 @@ class QuickstartSettings:
     prompts: Path = PROMPTS  # JSONL with "prompt" and "split" ("train" / "test")
     measure_cost: bool = True
     progress: bool = True
+    seed: int = 0  # training seed of both students (the README's seed table reruns 0, 1, 2)
 
 
 @dataclass
@@ -136,7 +140,7 @@ def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path
         teacher = {"model": s.teacher} if s.kd_top_k is None else {"cache": str(cache_dir(run_dir))}
     raw = {
         "run_dir": str(run_dir),
-        "seed": 0,
+        "seed": s.seed,
         "student": {"model": str(student)},
         "teacher": teacher,
         "data": {
@@ -196,6 +200,25 @@ class QuickstartResult:
     stages: list[dict[str, Any]]  # stage, status ("ran" / "skipped (done)"), seconds
 
 
+# Settings that only change how a run is shown or measured, not what it makes.
+PRESENTATION = ("progress", "measure_cost", "eval_limit", "eval_tasks")
+
+
+def check_settings(s: QuickstartSettings, path: Path) -> None:
+    """Refuse to reuse an output dir made with other settings: its stages are skipped on their
+    done-markers, so `--layers 5` or `--seed 1` over a default run would report the old models."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(asdict(s), default=str))
+    changed = sorted(k for k in new if k not in PRESENTATION and old.get(k) != new[k])
+    if changed:
+        raise UserError(
+            f"{path.parent} was made with other settings ({', '.join(changed)} differ); "
+            "pass another --out, or delete that dir to start over"
+        )
+
+
 def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult:
     """Run every stage that is not done yet; returns where the report is and what ran."""
     from lmdistill.eval.base import EvalSettings
@@ -207,7 +230,8 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
     start = time.perf_counter()
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(asdict(s), indent=2, default=str))
+    check_settings(s, out / "settings.json")
+    write_text_atomic(out / "settings.json", json.dumps(asdict(s), indent=2, default=str))
     log = StageLog()
     responses = out / "data" / "teacher_responses.jsonl"
     held_out = out / "data" / "held_out.jsonl"

@@ -56,3 +56,19 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
     roles = ("teacher", "student", "sft-only", "untrained")
     for name, task in data["tasks"].items():
         assert [rerun[name][r] for r in roles] == [task[r] for r in roles]
+
+
+def test_quickstart_refuses_a_dir_made_with_other_settings(tmp_path):
+    import pytest
+
+    from lmdistill.errors import UserError
+    from lmdistill.pipelines.quickstart import check_settings
+
+    path = tmp_path / "settings.json"
+    check_settings(QuickstartSettings(), path)  # a new dir: nothing to compare
+    path.write_text(
+        json.dumps({**json.loads(json.dumps(QuickstartSettings().__dict__, default=str))})
+    )
+    check_settings(QuickstartSettings(progress=False, eval_limit=10), path)  # display only
+    with pytest.raises(UserError, match=r"seed, student_layers differ"):
+        check_settings(QuickstartSettings(student_layers=5, seed=1), path)
