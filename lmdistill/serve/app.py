@@ -61,7 +61,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `teacher` as model `model_name` (default: the teacher's name).
 
-    With `api_key`, every request but /health needs `Authorization: Bearer <api_key>`. A local
+    With `api_key`, every /v1 request needs `Authorization: Bearer <api_key>`. A local
     model decodes up to `max_batch` choices at once with continuous batching; `continuous=False`
     (or a teacher that is not a local model) uses the request batcher instead: requests arriving
     within `batch_wait_s` of each other run as one batch, chat only. A chat request without
@@ -973,7 +973,9 @@ class _KeyCheck:
         self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
+        # Only /v1 needs the key, as in vLLM: clients (lm-eval) probe /tokenizer_info and
+        # /tokenize without one, and those reveal nothing but the tokenizer.
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
             headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             # compare_digest: the time taken must not reveal how much of a guess was right.
