@@ -284,9 +284,11 @@ class Engine:
         self._can_join = self._can_join and all(
             type(layer) is DynamicLayer for layer in cache.layers
         )
-        index = torch.tensor(keep, device=ids.device)
-        _select_cache(cache, index)
-        self._join(cache, mask[index], logits[index, -1], new_rows)
+        if keep != list(range(len(requests))):  # n > 1, or a scoring-only request: reorder rows
+            index = torch.tensor(keep, device=ids.device)
+            _select_cache(cache, index)
+            mask, logits = mask[index], logits[index]
+        self._join(cache, mask, logits[:, -1], new_rows)
 
     def _join(
         self, cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor, rows: list[_Row]

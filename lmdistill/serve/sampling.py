@@ -57,8 +57,11 @@ def process_logits(
 ) -> torch.Tensor:
     """The row's logits after bias, masks and penalties (not yet temperature-scaled).
 
-    logits: (V,) float32 raw model logits; a new tensor is returned. `end_ids` are the tokens that
+    logits: (V,) float32 raw model logits, returned as they are when nothing applies, else a new
+    tensor (the caller's logits are never changed). `end_ids` are the tokens that
     would end the row (EOS and stop_token_ids), banned until `min_tokens` tokens exist."""
+    if not _changes_logits(options, len(output_ids)):
+        return logits
     out = logits.clone()
     vocab = out.shape[0]
     if options.logit_bias:
@@ -83,6 +86,17 @@ def process_logits(
         ids, counts = torch.tensor(output_ids, device=out.device).unique(return_counts=True)
         out[ids] -= options.frequency_penalty * counts.to(out.dtype) + options.presence_penalty
     return out
+
+
+def _changes_logits(options: SamplingOptions, generated: int) -> bool:
+    return bool(
+        options.logit_bias
+        or options.allowed_token_ids is not None
+        or generated < options.min_tokens
+        or options.repetition_penalty != 1.0
+        or options.presence_penalty
+        or options.frequency_penalty
+    )
 
 
 def choose_token(
