@@ -622,8 +622,28 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream")
 
 
-def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+def _chunk(
+    meta: _Meta,
+    kind: str,
+    choices: list[dict[str, Any]],
+    body: ChatCompletionRequest | CompletionRequest,
+    outputs: list[_Output],
+) -> dict[str, Any]:
+    """One streamed chunk. With include_usage every chunk has a null usage (the last, choiceless
+    chunk has the totals); with vLLM's continuous_usage_stats each has the usage so far."""
+    out: dict[str, Any] = {
+        "id": meta.id,
+        "object": kind,
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    }
+    options = body.stream_options
+    if options is not None and options.continuous_usage_stats:
+        out["usage"] = _usage(outputs)
+    elif options is not None and options.include_usage:
+        out["usage"] = None
+    return out
 
 
 async def _chat_chunks(
@@ -635,19 +655,9 @@ async def _chat_chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     """chat.completion.chunk objects: first each choice's role, then its text as it becomes
     final, then its finish reason; a last chunk with usage and no choices when asked."""
-    usage = _include_usage(body)
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {
-            "id": meta.id,
-            "object": "chat.completion.chunk",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices,
-        }
-        if usage:
-            out["usage"] = None
-        return out
+        return _chunk(meta, "chat.completion.chunk", choices, body, outputs)
 
     outputs = [_Output(Prompt(p), [_Choice() for _ in range(options.n)]) for p in prompts]
     for index in range(options.n):
@@ -683,7 +693,7 @@ async def _chat_chunks(
     except Exception:
         log.exception("a streamed chat request failed")
         raise APIError(500, "generation failed; see the server log", type="server_error") from None
-    if usage:
+    if body.stream_options and body.stream_options.include_usage:
         yield {**chunk([]), "usage": _usage(outputs)}
 
 
@@ -697,20 +707,10 @@ async def _completion_chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     """text_completion chunks: the echoed prompt first when asked, then each choice's text as it
     becomes final, its last chunk with the finish reason; usage at the end when asked."""
-    usage = _include_usage(body)
     as_ids = body.return_tokens_as_token_ids
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices,
-        }
-        if usage:
-            out["usage"] = None
-        return out
+        return _chunk(meta, "text_completion", choices, body, outputs)
 
     outputs = [_Output(Prompt(p), [_Choice() for _ in range(options.n)]) for p in prompts]
     offsets = [[0] * options.n for _ in prompts]
@@ -762,7 +762,7 @@ async def _completion_chunks(
     except Exception:
         log.exception("a streamed completion request failed")
         raise APIError(500, "generation failed; see the server log", type="server_error") from None
-    if usage:
+    if body.stream_options and body.stream_options.include_usage:
         yield {**chunk([]), "usage": _usage(outputs)}
 
 

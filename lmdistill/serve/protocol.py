@@ -130,6 +130,13 @@ class _Request(BaseModel):
         endpoint (their fields differ between chat and completions)."""
         if (field := self.unsupported()) is not None:
             raise APIError(400, f"{field} is not supported by lmdistill serve", param=field)
+        if self.stream_options is not None and not self.stream:
+            message = "stream_options is only allowed when stream is true"
+            raise APIError(400, message, param="stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            # As vLLM: prompt log-probs come back whole, in a non-streamed response.
+            message = "prompt_logprobs is not available when stream is true"
+            raise APIError(400, message, param="prompt_logprobs")
         bias = tuple(_logit_bias(self.logit_bias or {}, vocab_size))
         for name in ("allowed_token_ids", "stop_token_ids"):
             for token in getattr(self, name) or []:

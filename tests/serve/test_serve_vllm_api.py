@@ -260,6 +260,18 @@ def test_streamed_completion_equals_non_streamed(client: openai.OpenAI) -> None:
     assert texts == [c.text for c in whole.choices]
 
 
+def test_continuous_usage_stats_count_up(client: openai.OpenAI) -> None:
+    stream = sampled(
+        client,
+        max_tokens=6,
+        extra_body={"ignore_eos": True},
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    counts = [chunk.usage.completion_tokens for chunk in stream]
+    assert counts == sorted(counts) and counts[-1] == 6
+
+
 def test_stream_ends_with_done(server: tuple[str, object]) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{server[0]}/chat/completions", json=body, timeout=60) as response:
@@ -330,6 +342,12 @@ def test_tokenize_and_detokenize(server: tuple[str, object], teacher: HFTeacher)
         ("/completions", {"prompt": TEXT, "best_of": 3}, "best_of"),
         ("/chat/completions", {"messages": HELLO, "echo": True}, "echo"),
         ("/chat/completions", {"messages": HELLO, "prompt_logprobs": 21}, "prompt_logprobs"),
+        (
+            "/chat/completions",
+            {"messages": HELLO, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ("/completions", {"prompt": TEXT, "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
     ],
 )
 def test_bad_requests_name_the_field(
