@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -146,7 +146,7 @@ def create_app(
         options = served.options(body, max(map(len, prompts)), None, logprobs)
         if body.echo and logprobs is not None:
             # Echoed prompt tokens carry log-probs too: lm-eval's loglikelihood reads them.
-            options = _replace(options, prompt_logprobs=max(logprobs, body.prompt_logprobs or 0))
+            options = replace(options, prompt_logprobs=max(logprobs, body.prompt_logprobs or 0))
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_id)
         if body.stream:
             return _sse(_completion_chunks(served, body, prompts, texts, options, meta))
@@ -191,7 +191,8 @@ def create_app(
     async def tokenizer_info() -> dict[str, Any]:
         # vLLM's --enable-tokenizer-info-endpoint: lm-eval uses it (with /tokenize) to tokenize
         # remotely instead of loading the tokenizer itself.
-        tok = need_local("/tokenizer_info").tokenizer
+        served = need_local("/tokenizer_info")
+        tok = served.tokenizer
         return {
             "tokenizer_class": type(tok).__name__,
             "eos_token": tok.eos_token,
@@ -199,7 +200,7 @@ def create_app(
             "pad_token": tok.pad_token,
             "unk_token": tok.unk_token,
             "chat_template": tok.chat_template,
-            "model_max_length": local.context_length if local else None,
+            "model_max_length": served.context_length,
         }
 
     return app
@@ -354,12 +355,6 @@ class _Output:
 
     prompt: Prompt
     choices: list[_Choice]
-
-
-def _replace(options: SamplingOptions, **changes: Any) -> SamplingOptions:
-    from dataclasses import replace
-
-    return replace(options, **changes)
 
 
 def _chat_logprobs(body: ChatCompletionRequest) -> int | None:

@@ -128,6 +128,7 @@ class Engine:
         *,
         max_batch: int = 16,
         pad_id: int | None = None,
+        max_prefill_tokens: int = 8192,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -135,6 +136,9 @@ class Engine:
         self.eos_ids = list(eos_ids)
         self.pad_id = self.eos_ids[0] if pad_id is None else pad_id
         self.max_batch = max_batch
+        # Padded prompt tokens prefilled in one step: bounds the step's memory (prompt log-probs
+        # keep (B, T, V) logits) and how long running rows wait for it.
+        self.max_prefill_tokens = max_prefill_tokens
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         # Counters for tests and the benchmark: forwards run, and the most rows decoded at once.
         self.prefills = 0
@@ -228,17 +232,22 @@ class Engine:
             return []
         room = self.max_batch - len(self._rows)
         taken: list[_Request] = []
+        width = 0
         while self._inbox:
             request = self._inbox[0]
             if request.cancelled:
                 self._inbox.popleft()
                 continue
             rows = request.options.n if request.options.max_tokens > 0 else 0
-            # A request wider than max_batch still runs, alone, rather than never.
-            if rows > room and (taken or self._rows):
+            wider = max(width, len(request.prompt_ids))
+            # A request wider than max_batch or the prefill budget still runs, alone, rather
+            # than never.
+            too_big = rows > room or wider * (len(taken) + 1) > self.max_prefill_tokens
+            if too_big and (taken or self._rows):
                 break
             taken.append(self._inbox.popleft())
             room -= rows
+            width = wider
         if taken:
             self._prefill(taken)
         return taken
@@ -340,26 +349,34 @@ class Engine:
 
     def _advance(self, row: _Row, logits: torch.Tensor) -> None:
         """Choose one token for `row`, check its stop conditions and send what became final."""
-        request, options = row.request, row.request.options
-        ends = (
-            [*self.eos_ids, *options.stop_token_ids]
-            if not options.ignore_eos
-            else list(options.stop_token_ids)
-        )
-        processed = process_logits(logits, options, request.prompt_ids, row.output_ids, ends)
+        options = row.request.options
+        ends = list(options.stop_token_ids) + ([] if options.ignore_eos else self.eos_ids)
+        processed = process_logits(logits, options, row.request.prompt_ids, row.output_ids, ends)
         token = choose_token(processed, options, row.generator)
         logprobs = None
-        if options.logprobs is not None:
+        if options.logprobs is not None:  # the model's own distribution, not the processed one
             logprobs = _score(logits[None], [token], options.logprobs)
         row.output_ids.append(token)
+        text, finish, stop_reason = self._text_and_finish(row, token)
+        final = len(text) if finish else len(text) - held_back(text, options.stop)
+        delta = text[row.sent : final] if final > row.sent else ""
+        row.sent = max(row.sent, final)
+        row.request.send(Delta(row.choice, [token], logprobs, delta, finish, stop_reason))
+        row.done = finish is not None
+
+    def _text_and_finish(self, row: _Row, token: int) -> tuple[str, str | None, str | int | None]:
+        """The row's text so far, and (finish_reason, stop_reason) if `token` ended it: a stop
+        token or EOS (counted and scored, but not text), a stop string (the text is cut there),
+        max_tokens or the end of the context."""
+        options = row.request.options
         finish: str | None = None
         stop_reason: str | int | None = None
         content = row.output_ids
         if token in options.stop_token_ids:
             finish, stop_reason, content = "stop", token, row.output_ids[:-1]
         elif token in self.eos_ids and not options.ignore_eos:
-            # The EOS counts as a generated token and has a log-prob, but is not text.
             finish, content = "stop", row.output_ids[:-1]
+        # The whole text is decoded again: a token's text can depend on its neighbours.
         text = self.tokenizer.decode(content, skip_special_tokens=options.skip_special_tokens)
         hit = find_stop(text, options.stop, row.searched) if finish is None else None
         if hit is not None:
@@ -367,15 +384,11 @@ class Engine:
             text = text[: at + len(stop)] if options.include_stop_str_in_output else text[:at]
             finish, stop_reason = "stop", stop
         row.searched = len(text)
-        total = len(request.prompt_ids) + len(row.output_ids)
+        total = len(row.request.prompt_ids) + len(row.output_ids)
         out_of_room = self.context_length is not None and total >= self.context_length
         if finish is None and (len(row.output_ids) >= options.max_tokens or out_of_room):
             finish = "length"
-        final = len(text) if finish else len(text) - held_back(text, options.stop)
-        delta = text[row.sent : final] if final > row.sent else ""
-        row.sent = max(row.sent, final)
-        request.send(Delta(row.choice, [token], logprobs, delta, finish, stop_reason))
-        row.done = finish is not None
+        return text, finish, stop_reason
 
     def _keep_rows(self, keep: list[int]) -> None:
         self._rows = [self._rows[i] for i in keep]
