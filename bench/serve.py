@@ -7,6 +7,10 @@ in this run on the same model object.
 - today: the request batcher (`create_app(..., continuous=False)`): requests that arrive within
   5 ms share one `model.generate` call; a request arriving mid-batch waits for the whole batch.
 - engine: the continuous-batching engine (`create_app(...)`, the default since issue #18).
+- transformers_cb (concurrent16 only, for reference): transformers' own continuous-batching
+  manager (`model.generate_batch`, persistent, warmed up) on the same 16 prompts in-process, with
+  no HTTP in the way. It is not a server option: it lacks per-request RNG, top-k and prompt
+  log-probs (issue #18).
 
 Two workloads, each over real HTTP on 127.0.0.1 with the `openai` client:
 (a) concurrent16: 16 chat requests sent at once (greedy, same settings), tokens/s over the wall
@@ -16,7 +20,7 @@ Two workloads, each over real HTTP on 127.0.0.1 with the `openai` client:
 Tokens are the servers' own `usage.completion_tokens`.
 
 The last line printed is one JSON object with `concurrent16_vs_today` (engine tokens/s over
-today's) and `staggered_latency_today_vs_engine`."""
+today's), `engine_vs_transformers_cb` and `staggered_latency_today_vs_engine`."""
 
 from __future__ import annotations
 
@@ -82,6 +86,27 @@ def measure(client: Any, model: str, texts: list[str], max_tokens: int, gap_s: f
     }
 
 
+def measure_transformers_cb(teacher: Any, texts: list[str], max_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    prompts = [teacher.encode_chat([{"role": "user", "content": text}]) for text in texts]
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        eos_token_id=teacher.eos_ids,
+        pad_token_id=teacher.pad_id,
+    )
+    started = time.perf_counter()
+    out = teacher.model.generate_batch(
+        inputs=prompts, generation_config=config, persistent_manager=True, progress_bar=False
+    )
+    wall = time.perf_counter() - started
+    return {
+        "concurrent16_s": wall,
+        "concurrent16_tokens": sum(len(o.generated_tokens) for o in out.values()),
+    }
+
+
 def best(rounds: list[dict]) -> dict[str, float]:
     """The fastest of each measure over the rounds: the machine is shared, and other work only
     ever slows a round down."""
@@ -131,11 +156,19 @@ def main() -> None:
         model = apps["engine"].state.model_id
         for name in apps:
             ask(clients[name], model, texts[0], 4, False)  # warm-up outside the timings
+        # Its warm-up: the persistent manager is sized for the workload it first sees.
+        measure_transformers_cb(teacher, texts, args.max_tokens)
+        cb_rounds = []
         for round_index in range(args.rounds):
             for name in apps:
                 rounds[name].append(measure(clients[name], model, texts, args.max_tokens, gap_s))
                 print(f"round {round_index + 1} {name}: {rounds[name][-1]}", flush=True)
+            cb_rounds.append(measure_transformers_cb(teacher, texts, args.max_tokens))
+            print(f"round {round_index + 1} transformers_cb: {cb_rounds[-1]}", flush=True)
+        teacher.model.destroy_cached_continuous_batching_manager()
     today, engine = best(rounds["today"]), best(rounds["engine"])
+    cb = min(cb_rounds, key=lambda r: r["concurrent16_s"])
+    cb_tokens_per_s = round(cb["concurrent16_tokens"] / cb["concurrent16_s"], 2)
     print(f"today's server (request batcher), best of {args.rounds}: {today}")
     print(f"continuous-batching engine, best of {args.rounds}:       {engine}")
     summary = {
@@ -145,8 +178,12 @@ def main() -> None:
         "rounds": args.rounds,
         "today": today,
         "engine": engine,
+        "transformers_cb_tokens_per_s": cb_tokens_per_s,
         "concurrent16_vs_today": round(
             engine["concurrent16_tokens_per_s"] / today["concurrent16_tokens_per_s"], 2
+        ),
+        "engine_vs_transformers_cb": round(
+            engine["concurrent16_tokens_per_s"] / cb_tokens_per_s, 2
         ),
         "staggered_latency_today_vs_engine": round(
             today["staggered_mean_latency_s"] / engine["staggered_mean_latency_s"], 2
