@@ -204,6 +204,12 @@ class ChatCompletionRequest(_Request):
     web_search_options: Any = None
     documents: Any = None
 
+    def logprob_count(self) -> int | None:
+        """The top log-probs per generated token to give: None when logprobs is off."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> str | None:
         asks = {
             "echo": self.echo,
