@@ -149,6 +149,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._rows: list[_Row] = []
+        self._prefilling: list[_Request] = []
         self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, width): 1 real, 0 padding
         self._logits = torch.zeros(0, 0)  # (rows, V): each row's next-token logits
@@ -214,7 +215,6 @@ class Engine:
         # Grad mode is per thread: this thread never needs gradients.
         with torch.inference_mode():
             while not self._stopping:
-                admitted: list[_Request] = []
                 try:
                     admitted = self._admit()
                     if self._rows:
@@ -224,7 +224,7 @@ class Engine:
                         self._wake.clear()
                 except Exception as exc:
                     log.exception("generation failed; failing the requests in flight")
-                    self._fail_all(admitted, exc)
+                    self._fail_all(exc)
 
     def _admit(self) -> list[_Request]:
         """Prefill waiting requests that fit in the batch and add their rows."""
@@ -248,8 +248,11 @@ class Engine:
             taken.append(self._inbox.popleft())
             room -= rows
             width = wider
+        # Remembered until their rows join the batch: a failing prefill must fail them too.
+        self._prefilling = taken
         if taken:
             self._prefill(taken)
+        self._prefilling = []
         return taken
 
     def _prefill(self, requests: list[_Request]) -> None:
@@ -410,12 +413,12 @@ class Engine:
                     )
                 self._mask = self._mask[:, first:]
 
-    def _fail_all(self, admitted: list[_Request], error: BaseException) -> None:
-        requests = {id(r): r for r in admitted}
+    def _fail_all(self, error: BaseException) -> None:
+        requests = {id(r): r for r in self._prefilling}
         requests.update({id(row.request): row.request for row in self._rows})
         for request in requests.values():
             request.send(error)
-        self._rows, self._cache = [], None
+        self._rows, self._cache, self._prefilling = [], None, []
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -423,21 +426,26 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _score(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
-    """Log-prob, rank and top-k of each target under each row of (T, V) logits."""
-    if not targets:
-        return []
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    target = torch.tensor(targets, device=logprobs.device)
-    chosen = logprobs.gather(1, target[:, None])
-    ranks = (logprobs > chosen).sum(-1) + 1
-    top = logprobs.topk(k, dim=-1) if k > 0 else None
+def _score(
+    logits: torch.Tensor, targets: list[int], k: int, chunk: int = 256
+) -> list[TokenLogprob]:
+    """Log-prob, rank and top-k of each target under each row of (T, V) logits, `chunk` rows at a
+    time: a long prompt's float32 log-softmax would otherwise be another (T, V) copy."""
     result = []
-    for t, token in enumerate(targets):
-        pairs = (
-            list(zip(top.indices[t].tolist(), top.values[t].tolist(), strict=True)) if top else []
-        )
-        result.append(TokenLogprob(token, float(chosen[t, 0]), int(ranks[t]), pairs))
+    for start in range(0, len(targets), chunk):
+        rows = logits[start : start + chunk].float()
+        logprobs = torch.log_softmax(rows, dim=-1)
+        target = torch.tensor(targets[start : start + chunk], device=logprobs.device)
+        chosen = logprobs.gather(1, target[:, None]).squeeze(1)
+        ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+        top = logprobs.topk(k, dim=-1) if k > 0 else None
+        for t, token in enumerate(target.tolist()):
+            pairs = (
+                list(zip(top.indices[t].tolist(), top.values[t].tolist(), strict=True))
+                if top
+                else []
+            )
+            result.append(TokenLogprob(token, float(chosen[t]), int(ranks[t]), pairs))
     return result
 
 

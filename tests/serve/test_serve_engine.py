@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmdistill.serve.engine import Delta, Engine, Prompt
 from lmdistill.serve.sampling import SamplingOptions
@@ -148,3 +149,35 @@ def test_stop_fails_requests_still_waiting(teacher: HFTeacher) -> None:
     engine.start()
     error = asyncio.run(scenario())
     assert error is not None and "shutting down" in str(error)
+
+
+class FailsOnce:
+    """The model, except that its first forward raises (an out-of-memory error, say)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.inner, self.config, self.device = model, model.config, model.device
+        self.forward = model.forward  # the engine reads its signature
+        self.calls = 0
+
+    def __call__(self, **inputs: object) -> object:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("out of memory")
+        return self.inner(**inputs)
+
+
+def test_a_failed_forward_fails_its_requests_and_the_engine_goes_on(teacher: HFTeacher) -> None:
+    engine = Engine(FailsOnce(teacher.model), teacher.tokenizer, teacher.eos_ids)  # type: ignore[arg-type]
+    options = SamplingOptions(max_tokens=3, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[BaseException | None, list[list[int]]]:
+        error = None
+        try:
+            await tokens_of(engine, prompt(teacher, "Hello"), options)
+        except RuntimeError as exc:
+            error = exc
+        return error, await tokens_of(engine, prompt(teacher, "Hello"), options)
+
+    error, second = run(engine, scenario())
+    assert error is not None and "out of memory" in str(error)
+    assert len(second[0]) == 3
