@@ -1,4 +1,4 @@
-"""`lmdistill serve`: an OpenAI-compatible HTTP server for a local teacher.
+"""`lmdistill serve`: an OpenAI-compatible HTTP server for a local model, shaped like vLLM's.
 
 lmdistill serve --model smollm2-135m-instruct --port 8000
 curl http://127.0.0.1:8000/v1/models"""
@@ -14,8 +14,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a teacher over an OpenAI-compatible API",
         description=(
-            "Serve a model over an OpenAI-compatible API (GET /v1/models, POST "
-            "/v1/chat/completions), batching concurrent requests."
+            "Serve a model over an OpenAI-compatible API shaped like vLLM's: POST "
+            "/v1/chat/completions and /v1/completions (streaming, stop, logprobs with echo and "
+            "prompt_logprobs, token ids), GET /v1/models, POST /tokenize and /detokenize, with "
+            "continuous batching on CPU or one GPU. On a GPU machine for real traffic, vLLM is "
+            "the engine to use: `vllm serve MODEL_DIR` serves the same API, and lmdistill's "
+            "teacher and eval clients work against either."
         ),
     )
     parser.add_argument(
@@ -39,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         type=int,
         default=16,
-        help="most requests run together in one batch (default: %(default)s)",
+        help="most sequences (choices) decoded together (default: %(default)s)",
     )
     parser.add_argument(
         "--served-model-name",

@@ -1,4 +1,7 @@
-"""Dynamic batching for the server: requests that arrive close together share one generate call.
+"""Request batching for a teacher that is not a local model (an API teacher served through
+`lmdistill serve`), and `bench/serve.py`'s baseline ("today's server" before issue #18): requests
+that arrive close together share one `teacher.iter_generate` call. A local model is served by the
+continuous-batching `Engine` instead (lmdistill/serve/engine.py).
 
 Requests wait in an asyncio queue. One background task takes the first waiting request, keeps
 collecting for `wait_s` (or until `max_batch`), groups what it has by sampling settings (one

@@ -47,6 +47,12 @@ def serve(
             f"({keyed}); Ctrl-C stops",
             file=sys.stderr,
         )
+        if _has_gpu():
+            print(
+                "lmdistill serve: a GPU is present; for throughput serve the model dir with vLLM "
+                "(`vllm serve MODEL_DIR`): the same API, and lmdistill's clients work with both",
+                file=sys.stderr,
+            )
         if not api_key and not _is_loopback(host):
             print(
                 f"lmdistill serve: warning: listening on {host} without an API key; anyone who "
@@ -86,6 +92,12 @@ def running_server(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _is_loopback(host: str) -> bool:

@@ -82,3 +82,11 @@ def test_serve_process_answers_then_stops_on_sigterm(tiny_model_dir: Path) -> No
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert key not in output
+
+
+def test_help_names_the_endpoints_and_vllm_for_gpus(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "/v1/completions" in text and "/tokenize" in text
+    assert "vllm serve MODEL_DIR" in text
