@@ -345,11 +345,15 @@ def _check_same_vocabulary(c: _Checker, key: str, config: TrainConfig, teacher: 
 
 
 def _tokenizer_dir(spec: str) -> Path | None:
+    from lmdistill.models import cached_hub_snapshot, hub_name
     from lmdistill.teachers.bundled import BUNDLED_NAMES, cache_root
 
     if spec in BUNDLED_NAMES:
         converted = cache_root() / "models" / spec
         return converted if (converted / "config.json").is_file() else None
+    name = hub_name(spec)
+    if name is not None:  # compared only when already cached: a check downloads no tokenizer
+        return cached_hub_snapshot(name)
     path = Path(spec).expanduser()
     return path if (path / "config.json").is_file() else None
 

@@ -23,7 +23,7 @@ class _Strict(BaseModel):
 class FromTeacher(_Strict):
     """Build the student from the teacher's layers (see `training.students.student_from_teacher`)."""
 
-    teacher: str = Field(description="bundled teacher name or HF model dir")
+    teacher: str = Field(description="bundled teacher name, HF model dir or Hub name")
     layers: int | list[int] = Field(description="teacher layers to keep, or how many (spread)")
     intermediate_size: int | None = None
     hidden_size: int | None = None
@@ -37,7 +37,7 @@ class Lora(_Strict):
 
 
 class Student(_Strict):
-    model: str | None = Field(None, description="an HF causal LM dir")
+    model: str | None = Field(None, description="an HF causal LM dir or Hub name ORG/NAME[@REV]")
     from_teacher: FromTeacher | None = None
     lora: Lora | None = None
 
@@ -49,7 +49,9 @@ class Student(_Strict):
 
 
 class Teacher(_Strict):
-    model: str | None = Field(None, description="teacher spec: bundled name or HF model dir")
+    model: str | None = Field(
+        None, description="teacher spec: bundled name, HF model dir or Hub name"
+    )
     cache: str | None = Field(None, description="offline top-k cache dir (lmdistill cache-logits)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
