@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmdistill.data.records import Fields
 from lmdistill.errors import RecipeError, UserError
 from lmdistill.losses.divergences import Divergence
 
@@ -74,7 +75,12 @@ class SpanWeights(_Strict):
 
 
 class Data(_Strict):
-    path: str
+    path: str = Field(
+        description="JSONL, Parquet or CSV file, a datasets save_to_disk dir, or hf:NAME[:CONFIG][@SPLIT]"
+    )
+    fields: Fields = Field(
+        None, description="field mapping: alpaca, dolly, sharegpt or KEY=COLUMN,..."
+    )
     split: str | None = Field(None, description="keep only records whose 'split' field equals this")
     max_length: int = Field(1024, ge=2, description="tokens per example; longer ones are cut")
     eval_path: str | None = None
