@@ -55,6 +55,8 @@ RESERVED_FIELDS = frozenset(
         "latency_s",
         "top_logprobs",
         "token_logprobs",
+        "top_ids",
+        "token_ids",
     }
 )
 _INPUT_ONLY = ("id", "prompt", "messages")  # consumed, not carried through
@@ -334,6 +336,9 @@ def _record(
     if generation.top_logprobs is not None:
         record["top_logprobs"] = generation.top_logprobs
         record["token_logprobs"] = generation.token_logprobs
+        if generation.top_ids is not None:  # a teacher with a tokenizer of its own
+            record["top_ids"] = generation.top_ids
+            record["token_ids"] = generation.token_ids
     record.update(prompt.fields)
     return record
 
