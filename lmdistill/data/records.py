@@ -11,6 +11,8 @@ A source (`--prompts`, `data.path`, `cache-logits --data`) is one of
 
 Each record comes with its place for error messages: the line of a JSONL file, the line a CSV row
 starts on, the 1-based row of anything else, so a bad record is still `SOURCE:ROW: field ...`.
+A table has every column in every row; a null cell counts as an absent field (so one table can
+hold rows with `prompt` and rows with `messages`).
 
 A field mapping (`FieldMap`) reads data of another shape without a conversion script: the columns
 holding the prompt (plus an optional context appended to it), the response, or a chat list, and the
@@ -179,8 +181,11 @@ def _chat_list(value: Any, column: str, bad: _Bad) -> list[dict[str, Any]]:
                     f"{column}[{i}].from",
                     f"unknown speaker {speaker!r} (known: {', '.join(_SHAREGPT_ROLES)})",
                 )
+            text = message.get("value")
+            if not isinstance(text, str):
+                raise bad(f"{column}[{i}].value", f"must be a string, got {describe(text)}")
             rest = {k: v for k, v in message.items() if k not in {"from", "value"}}
-            message = {"role": role, "content": message.get("value"), **rest}
+            message = {"role": role, "content": text, **rest}
         messages.append(message)
     return messages
 
@@ -243,7 +248,12 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Record]]:
     for batch in table.iter_batches(batch_size=_BATCH_ROWS):
         for record in batch.to_pylist():
             row += 1
-            yield row, record
+            yield row, _present(record)
+
+
+def _present(record: Record) -> Record:
+    """A table row without its null cells (a field the row does not have)."""
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def _csv_rows(path: Path, json_columns: set[str]) -> Iterator[tuple[int, Record]]:
@@ -313,7 +323,7 @@ def _saved_rows(name: str) -> Iterator[tuple[int, Record]]:
         saved = saved[split]
     elif split is not None:
         raise UserError(f"{name}: {path} holds one dataset, not splits; drop '@{split}'")
-    return enumerate(saved, start=1)
+    return ((row, _present(record)) for row, record in enumerate(saved, start=1))
 
 
 @dataclass(frozen=True)
@@ -346,7 +356,8 @@ def _hub_rows(spec: str) -> Iterator[tuple[int, Record]]:
         rows = datasets.load_dataset(
             ds.name, ds.config, split=ds.split, streaming=not hub_offline()
         )
-        yield from enumerate(rows, start=1)
+        for row, record in enumerate(rows, start=1):
+            yield row, _present(record)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
         # ConnectionError (unreachable, offline and not cached), FileNotFoundError, a ValueError
         # for an unknown split or config: datasets' own message says which, on its first line.

@@ -306,3 +306,13 @@ def test_a_teacher_cache_of_mapped_data_is_tied_to_its_mapping(
     cache.check_compatible(teacher.tokenizer, parquet, 64, alpaca)
     with pytest.raises(UserError, match="made from other data"):
         cache.check_compatible(teacher.tokenizer, parquet, 64, field_map("prompt=instruction"))
+
+
+def test_a_null_cell_is_an_absent_field(tmp_path: Path) -> None:
+    """One table holding prompt rows and chat rows: each row's other column is null."""
+    rows = [
+        {"prompt": "Hi?", "messages": None},
+        {"prompt": None, "messages": [{"role": "user", "content": "Hello?"}]},
+    ]
+    prompts = read_prompts(write_parquet(tmp_path / "mixed.parquet", rows))
+    assert [p.messages[0]["content"] for p in prompts] == ["Hi?", "Hello?"]
