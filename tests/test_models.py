@@ -171,3 +171,22 @@ def test_cli_says_one_line_for_an_uncached_hub_name(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "'org/missing' is not in the Hugging Face cache" in lines[0]
+
+
+def test_generate_with_a_hub_teacher_on_alpaca_parquet_prompts(
+    tiny_model_dir: Path, hub_cache: Path, tmp_path: Path
+) -> None:
+    """A new user's first command: a Hub teacher, a Hub-style dataset file, no conversion."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    save_hub_snapshot(tiny_model_dir, hub_cache, "org/tiny", commit=COMMIT_A)
+    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "alpaca.parquet")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--teacher", "org/tiny", "--prompts", str(tmp_path / "alpaca.parquet")]
+    done = _cli([*args, "--fields", "alpaca", "--out", str(out), "--max-tokens", "3"], hub_cache)
+    assert done.returncode == 0, done.stderr
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["teacher"] == "org/tiny"
+    assert record["messages"] == [{"role": "user", "content": "Say hi."}]
