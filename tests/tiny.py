@@ -108,3 +108,29 @@ def save_tiny_model_dir(path: Path, **model_kwargs: int) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_hub_snapshot(
+    model_dir: Path, hub_cache: Path, repo_id: str, *, commit: str = "c0ffee" * 6 + "abcd"
+) -> Path:
+    """Lay `model_dir`'s files out as the Hugging Face cache holds a downloaded model
+    (`models--ORG--NAME/{blobs,snapshots/<commit>,refs/main}`, each snapshot file a relative
+    symlink to its blob named by its sha256), so Hub-name resolution is tested with no network.
+    Returns the snapshot dir."""
+    import hashlib
+    import os
+    import shutil
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        link = snapshot / file.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

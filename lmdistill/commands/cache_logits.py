@@ -21,8 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--teacher", required=True, metavar="SPEC", help="bundled name or model dir")
-    p.add_argument("--data", required=True, metavar="DATA.jsonl", help="training records")
+    p.add_argument(
+        "--teacher", required=True, metavar="SPEC", help="bundled name, model dir or Hub name"
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="training records: JSONL, Parquet or CSV, a save_to_disk dir, or hf:NAME",
+    )
+    p.add_argument(
+        "--fields",
+        default=None,
+        metavar="MAP",
+        help="field mapping, as the recipe's data.fields (alpaca, dolly, sharegpt, KEY=COLUMN,...)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="the cache dir")
     p.add_argument("--top-k", type=int, default=32, metavar="K", help="default %(default)s")
     p.add_argument(
@@ -46,11 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    from lmdistill.data.records import field_map
     from lmdistill.teachers.cache import build_cache
     from lmdistill.teachers.registry import load_teacher
 
     hf_logging.disable_progress_bar()
     options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    fields = field_map(args.fields)  # a bad mapping is reported before the teacher loads
     teacher = load_teacher(args.teacher, **options)
     report = build_cache(
         teacher,
@@ -60,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         examples_per_shard=args.examples_per_shard,
         tokens_per_batch=args.tokens_per_batch,
+        fields=fields,
     )
     print(
         f"cached {report.positions} positions in {report.shards} shards "

@@ -13,7 +13,8 @@ Evaluate MODEL (the student) and optionally its TEACHER and a BASELINE (e.g. the
 student) on a set of tasks; write OUT/report.md, OUT/report.html (self-contained, with plots) and
 OUT/report.json, with per-task scores, retention (student / teacher) with intervals, and cost.
 
-Models: a bundled name (smollm2-135m-instruct), a Hugging Face model dir, openai:MODEL or a URL.
+Models: a bundled name (smollm2-135m-instruct), a Hugging Face model dir, a Hub name
+ORG/NAME[@REVISION], openai:MODEL or a URL.
 
 Tasks (comma-separated):
   arithmetic_1digit, arithmetic, gsm_symbolic, knights_knaves, countdown, rg:NAME, jsonl:PATH[@RULE]

@@ -9,10 +9,13 @@ from typing import Any
 from lmdistill.errors import UserError
 
 DESCRIPTION = """\
-Generate teacher responses for a JSONL file of prompts, one record per (prompt, sample).
+Generate teacher responses for a set of prompts, one record per (prompt, sample).
 
-Each input line has "prompt" (a string) or "messages" (a chat list), an optional "id", and any
-other fields, which are copied to the output. Next to OUT go OUT.meta.json (the settings OUT was
+Prompts come from a JSONL, Parquet or CSV file, a dir written by datasets' save_to_disk
+(DIR[@SPLIT]), or a Hub dataset, streamed (hf:NAME[:CONFIG][@SPLIT]). Each record has "prompt"
+(a string) or "messages" (a chat list), an optional "id", and any other fields, which are copied
+to the output; --fields reads other shapes (alpaca, dolly, sharegpt, or e.g.
+prompt=question,context=passage). Next to OUT go OUT.meta.json (the settings OUT was
 made with) and OUT.failed.jsonl (prompts that failed after retries). Run the same command again
 to continue after an interruption or to retry failures; responses are cached, so nothing is paid
 for twice. Exit status: 0 all done, 1 some prompts failed, 2 an error to fix."""
@@ -29,9 +32,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--teacher",
         required=True,
         metavar="SPEC",
-        help="bundled name (smollm2-135m-instruct), model dir, openai:MODEL, or server URL",
+        help="bundled name (smollm2-135m-instruct), model dir, Hub name ORG/NAME[@REV], "
+        "openai:MODEL, or server URL",
     )
-    p.add_argument("--prompts", required=True, metavar="IN.jsonl", help="the prompts")
+    p.add_argument(
+        "--prompts", required=True, metavar="SOURCE", help="the prompts (file, dir or hf:NAME)"
+    )
+    p.add_argument(
+        "--fields",
+        default=None,
+        metavar="MAP",
+        help="field mapping: alpaca, dolly, sharegpt, or KEY=COLUMN,... with keys prompt, "
+        "context, response, messages",
+    )
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="where the responses go")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument(
@@ -146,6 +159,7 @@ def teacher_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from lmdistill.data.records import field_map
     from lmdistill.pipelines.generate import Prices, generate, read_prompts
     from lmdistill.pipelines.response_cache import ResponseCache, default_cache_path
     from lmdistill.teachers.base import SamplingParams
@@ -160,7 +174,7 @@ def main(args: argparse.Namespace) -> int:
         top_logprobs=args.top_logprobs,
     )
     # Cheap checks first: a bad prompts file should not wait for a model to load.
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, field_map(args.fields))
     spec, options = teacher_options(args)
     teacher = load_teacher(spec, **options)
     cache = None if args.no_cache else ResponseCache(args.cache or default_cache_path())

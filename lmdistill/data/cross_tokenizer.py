@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmdistill.data.records import FieldMap
 from lmdistill.data.sft import IGNORE_INDEX, Example, MicroBatch, load_examples
 
 # For teachers whose tokenizer has no chat template (base models such as Gemma 3 270M): a plain
@@ -60,13 +61,18 @@ def response_positions(example: Example) -> list[int]:
 
 
 def load_teacher_examples(
-    path: str | Path, tokenizer, *, max_length: int, split: str | None = None
+    path: str | Path,
+    tokenizer,
+    *,
+    max_length: int,
+    split: str | None = None,
+    fields: FieldMap | None = None,
 ) -> dict[int, Example]:
     """Every record of the training file tokenized by the teacher (its chat template, or the plain
     one), keyed by the record's index. A record whose assistant tokens max_length cuts away on the
     teacher's side is absent: its student example then gets cross-entropy only."""
     ensure_chat_template(tokenizer)
-    data = load_examples(path, tokenizer, max_length=max_length, split=split)
+    data = load_examples(path, tokenizer, max_length=max_length, split=split, fields=fields)
     return {example.index: example for example in data.examples}
 
 

@@ -116,7 +116,8 @@ def chat_messages(
     if "messages" not in record:
         raise bad(
             "prompt",
-            "missing: each line needs 'prompt' (a string) or 'messages' (a list of {role, content})",
+            "missing: each line needs 'prompt' (a string) or 'messages' (a list of {role, content}); "
+            "for data of another shape map its fields (alpaca, dolly, sharegpt or KEY=COLUMN,...)",
         )
     value = record["messages"]
     if not isinstance(value, list) or not value:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmdistill.data.jsonl import iter_jsonl
+from lmdistill.data.records import FieldMap, iter_records
 from lmdistill.data.tool_format import (
     plain_messages,
     render_tool_chat,
@@ -112,7 +112,10 @@ def conversation(record: dict[str, Any], path: str | Path, line: int) -> list[Me
         messages = [{"role": "user", "content": record["prompt"]}]
     else:
         raise InputError(
-            path, "each record needs 'messages' (a chat list) or 'prompt' (a string)", line=line
+            path,
+            "each record needs 'messages' (a chat list) or 'prompt' (a string); for data of another "
+            "shape set data.fields (alpaca, dolly, sharegpt or KEY=COLUMN,...)",
+            line=line,
         )
     if response is not None:
         if not isinstance(response, str):
@@ -347,16 +350,19 @@ def load_examples(
     max_length: int,
     split: str | None = None,
     span_weights: SpanWeights | None = None,
+    fields: FieldMap | None = None,
 ) -> SftData:
-    """Every record of a JSONL file as an `Example` (see `conversation` for the shapes).
+    """Every record of a data source (a JSONL, Parquet or CSV file, a saved dataset, a Hub
+    dataset: `lmdistill.data.records`) as an `Example` (see `conversation` for the shapes).
 
     split: keep only records whose `split` field equals it (the bundled prompt set marks held-out
     prompts with split="test"; those must never be trained on).
-    span_weights: weigh the loss of reasoning and final-answer tokens (records' `answer_start`)."""
+    span_weights: weigh the loss of reasoning and final-answer tokens (records' `answer_start`).
+    fields: where the prompt, response or messages are in records of another shape."""
     if max_length < 2:
         raise UserError(f"max_length must be >= 2, got {max_length}")
     examples, skipped, filtered, index = [], 0, 0, -1
-    for index, (line, record) in enumerate(iter_jsonl(path)):
+    for index, (line, record) in enumerate(iter_records(path, fields)):
         if split is not None and record.get("split") != split:
             filtered += 1
             continue

@@ -42,20 +42,19 @@ def file_digest(path: Path) -> str:
 
 def model_dir(spec: str) -> Path | None:
     """The local model dir `spec` names (a bundled model's converted dir, converting it on
-    first use), or None for an API model."""
+    first use; a Hub model's snapshot), or None for an API model."""
     if is_api_spec(spec):
         return None
-    if spec in BUNDLED_NAMES:
-        from lmdistill.teachers.bundled import bundled_model_dir
+    from lmdistill.models import hub_name, resolve_model_dir
 
-        return bundled_model_dir(spec)
-    path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(
-            f"model '{spec}': not a bundled name ({', '.join(BUNDLED_NAMES)}), an API spec, or a "
-            "Hugging Face model dir (no config.json there)"
-        )
-    return path
+    if spec not in BUNDLED_NAMES and not hub_name(spec):
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model '{spec}': not a bundled name ({', '.join(BUNDLED_NAMES)}), an API spec, a "
+                "Hub name ORG/NAME[@REVISION] or a Hugging Face model dir (no config.json there)"
+            )
+    return resolve_model_dir(spec)
 
 
 def dir_fingerprint(path: Path) -> str:

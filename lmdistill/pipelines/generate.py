@@ -34,11 +34,10 @@ from lmdistill.data.jsonl import (
     JsonlAppender,
     chat_messages,
     describe,
-    first_record,
-    iter_jsonl,
     read_appended,
     write_json_atomic,
 )
+from lmdistill.data.records import FieldMap, first_record, iter_records
 from lmdistill.errors import InputError, UserError
 from lmdistill.pipelines.response_cache import ResponseCache, request_key
 from lmdistill.teachers.base import Generation, GenerationResult, Message, SamplingParams, Teacher
@@ -56,6 +55,8 @@ RESERVED_FIELDS = frozenset(
         "latency_s",
         "top_logprobs",
         "token_logprobs",
+        "top_ids",
+        "token_ids",
     }
 )
 _INPUT_ONLY = ("id", "prompt", "messages")  # consumed, not carried through
@@ -132,13 +133,14 @@ def side_path(out_path: Path, suffix: str) -> Path:
 # ------------------------------------------------------------------------------------ input
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Read and check a prompts file. Raises InputError naming file:line and field."""
-    path = Path(path)
+def read_prompts(path: str | Path, fields: FieldMap | None = None) -> list[Prompt]:
+    """Read and check the prompts of a source: a JSONL, Parquet or CSV file, a saved dataset
+    dir, or hf:NAME[:CONFIG][@SPLIT] (`lmdistill.data.records`), its fields mapped by `fields`.
+    Raises InputError naming file:line (or row) and field."""
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
-    for line, record in iter_jsonl(path):
-        prompt = _parse_prompt(path, line, record)
+    for line, record in iter_records(path, fields):
+        prompt = _parse_prompt(path, line, _as_prompt(record, fields))
         if prompt.id in first_line:
             first = first_line[prompt.id]
             if "id" in record:
@@ -165,12 +167,33 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def first_prompt(path: str | Path) -> Prompt:
-    """The file's first prompt, checked as `read_prompts` checks each (a recipe's cheap check)."""
-    return _parse_prompt(Path(path), *first_record(path))
+def first_prompt(path: str | Path, fields: FieldMap | None = None) -> Prompt:
+    """The source's first prompt, checked as `read_prompts` checks each (a recipe's cheap check)."""
+    line, record = first_record(path, fields)
+    return _parse_prompt(path, line, _as_prompt(record, fields))
 
 
-def _parse_prompt(path: Path, line: int, record: dict[str, Any]) -> Prompt:
+def _as_prompt(record: dict[str, Any], fields: FieldMap | None) -> dict[str, Any]:
+    """A mapped record as a prompt: a dataset of conversations gives the conversation up to its
+    last user turn (the teacher writes the answer), and its reference answer is not carried
+    (the output's `response` is the teacher's). An unmapped record is read as it is."""
+    if fields is None:
+        return record
+    record = {k: v for k, v in record.items() if k != "response"}
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        end = len(messages)
+        while (
+            end > 1
+            and isinstance(messages[end - 1], dict)
+            and messages[end - 1].get("role") == "assistant"
+        ):
+            end -= 1
+        record["messages"] = messages[:end]
+    return record
+
+
+def _parse_prompt(path: str | Path, line: int, record: dict[str, Any]) -> Prompt:
     def bad(name: str, message: str) -> InputError:
         return InputError(path, message, line=line, field=name)
 
@@ -313,6 +336,9 @@ def _record(
     if generation.top_logprobs is not None:
         record["top_logprobs"] = generation.top_logprobs
         record["token_logprobs"] = generation.token_logprobs
+        if generation.top_ids is not None:  # a teacher with a tokenizer of its own
+            record["top_ids"] = generation.top_ids
+            record["token_ids"] = generation.token_ids
     record.update(prompt.fields)
     return record
 

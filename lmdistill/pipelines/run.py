@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
+from lmdistill.data.records import Fields, field_map, source_digest, source_exists
 from lmdistill.errors import RecipeError, UserError
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
 
@@ -55,7 +56,11 @@ class _Strict(BaseModel):
 class PromptsStage(_Strict):
     """Where the prompts come from: a JSONL file (`prompt` or `messages` per line) or a task."""
 
-    path: str | None = Field(None, description="JSONL of prompts")
+    path: str | None = Field(
+        None,
+        description="prompts: JSONL, Parquet or CSV, a save_to_disk dir, or hf:NAME[:CONFIG][@SPLIT]",
+    )
+    fields: Fields = Field(None, description="field mapping: alpaca, dolly, sharegpt or KEY=COLUMN")
     task: str | None = Field(None, description="a task spec (see `lmdistill eval --help`)")
     split: str | None = Field(
         None, description="file: keep records whose 'split' equals it; task: default 'train'"
@@ -299,7 +304,7 @@ class Stage:
     name: str
     settings: dict[str, Any]  # what the stage does (hashed)
     reads: list[str]  # earlier stages whose outputs it reads
-    files: list[Path]  # user files it reads (hashed by content)
+    files: list[Path]  # user data it reads (files, saved datasets, hf: specs; by content)
     outputs: list[Path]  # removed before a re-run with changed settings
     work: Callable[[], str | None]  # returns a one-line summary (or None)
     # Whether the first output is whole, when it can exist half-written (a dir an interrupted
@@ -446,7 +451,7 @@ def make_prompts(p: PromptsStage, out: Path) -> str:
     else:
         from lmdistill.pipelines.generate import read_prompts
 
-        prompts = read_prompts(p.path)
+        prompts = read_prompts(p.path, field_map(p.fields))
         if p.split is not None:
             prompts = [q for q in prompts if q.fields.get("split") == p.split]
             if not prompts:
@@ -567,6 +572,7 @@ def run_cache(recipe: RunRecipe, config, paths: Paths) -> str:
             top_k=c.top_k,
             max_length=config.data.max_length,
             tokens_per_batch=max(c.tokens_per_batch, config.data.max_length),
+            fields=field_map(config.data.fields),
         )
     finally:
         teacher.close()
@@ -708,14 +714,12 @@ class RunResult:
 def fingerprints(stages: list[Stage], *, missing_ok: bool = False) -> dict[str, str]:
     """Each stage's fingerprint: its settings, the user files it reads (by content) and the
     fingerprints of the stages it reads, so a change upstream changes everything downstream."""
-    from lmdistill.data.sft import file_digest
-
     out: dict[str, str] = {}
     for stage in stages:
         files = {}
         for path in stage.files:
-            if path.exists():
-                files[str(path)] = file_digest(path)
+            if source_exists(path):
+                files[str(path)] = source_digest(path)
             elif missing_ok:
                 files[str(path)] = "missing"
             else:
@@ -805,7 +809,7 @@ def run_recipe(
     if dry_run:
         for stage in stages:
             reason = _reason(actions[stage.name], stage.name, state, prints)
-            missing = [str(p) for p in stage.files if not p.exists()]
+            missing = [str(p) for p in stage.files if not source_exists(p)]
             note = f"; missing input {missing[0]}" if missing else ""
             result.stages.append(StageResult(stage.name, f"would {reason}{note}"))
         return result

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lmdistill.data.records import field_map
 from lmdistill.errors import RecipeError, UserError
 from lmdistill.teachers.base import Capability
 
@@ -122,7 +123,7 @@ def _check_prompts(c: _Checker, recipe: RunRecipe) -> None:
     if p.path is not None:
         from lmdistill.pipelines.generate import first_prompt
 
-        c.run("prompts.path", lambda: first_prompt(p.path))
+        c.run("prompts.path", lambda: first_prompt(p.path, field_map(p.fields)))
     if p.task is not None:
         _check_task(c, "prompts.task", p.task)
     if p.template is not None:
@@ -345,11 +346,15 @@ def _check_same_vocabulary(c: _Checker, key: str, config: TrainConfig, teacher: 
 
 
 def _tokenizer_dir(spec: str) -> Path | None:
+    from lmdistill.models import cached_hub_snapshot, hub_name
     from lmdistill.teachers.bundled import BUNDLED_NAMES, cache_root
 
     if spec in BUNDLED_NAMES:
         converted = cache_root() / "models" / spec
         return converted if (converted / "config.json").is_file() else None
+    name = hub_name(spec)
+    if name is not None:  # compared only when already cached: a check downloads no tokenizer
+        return cached_hub_snapshot(name)
     path = Path(spec).expanduser()
     return path if (path / "config.json").is_file() else None
 
@@ -383,11 +388,11 @@ def _check_layer_maps(
 
 def _check_data_file(c: _Checker, key: str, path: str, config: TrainConfig) -> None:
     """The file exists and its first record is a training conversation (as the loop reads it)."""
-    from lmdistill.data.jsonl import first_record
+    from lmdistill.data.records import first_record
     from lmdistill.data.sft import conversation, record_answer_start
 
     def check() -> None:
-        line, record = first_record(path)
+        line, record = first_record(path, field_map(config.data.fields))
         messages = conversation(record, path, line)
         if config.data.span_weights is not None:
             record_answer_start(record, messages, path, line)

@@ -60,6 +60,11 @@ class Generation:
     # Per generated token: (the token itself, its logprob), aligned with `top_logprobs`; the sampled
     # token need not be among the top k, and an OpenAI-style `logprobs` response reports both.
     token_logprobs: list[tuple[str, float]] | None = None
+    # The same tokens as ids of the teacher's tokenizer, when the teacher has one (a local model,
+    # vLLM; an API names tokens by text only): what an offline top-k cache and the sparse loss
+    # index by. top_ids[t][j] is the id of top_logprobs[t][j]; token_ids[t] of token_logprobs[t].
+    top_ids: list[list[int]] | None = None
+    token_ids: list[int] | None = None
 
 
 @dataclass

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from lmdistill.data.jsonl import write_json_atomic
-from lmdistill.data.sft import Example, collate, epoch_plan, file_digest
+from lmdistill.data.records import FieldMap, source_digest
+from lmdistill.data.sft import Example, collate, epoch_plan
 from lmdistill.errors import UserError
 from lmdistill.teachers.base import Capability, GenerationResult, Message, SamplingParams, Teacher
 
@@ -84,7 +85,7 @@ class CacheReport:
 def _settings(
     fingerprint: str,
     teacher_name: str,
-    data_path: Path,
+    data_path: str,
     digest: str,
     top_k: int,
     vocab: int,
@@ -115,14 +116,16 @@ def build_cache(
     examples_per_shard: int = 2048,
     tokens_per_batch: int = 8192,
     progress: bool = True,
+    fields: FieldMap | None = None,
 ) -> CacheReport:
     """Compute and store `teacher`'s top-k log-probs for every position with a training target in
     `data_path` (records as `lmdistill.data.sft.conversation` reads them, rendered with the
-    teacher's tokenizer). Resumes: complete shards of a previous run with the same settings are
-    kept. Returns what was written."""
+    teacher's tokenizer; `data_path` any source `lmdistill.data.records` reads, mapped by
+    `fields`). Resumes: complete shards of a previous run with the same settings are kept.
+    Returns what was written."""
     import time
 
-    from lmdistill.data.jsonl import iter_jsonl
+    from lmdistill.data.records import iter_records
     from lmdistill.data.sft import conversation, encode
 
     teacher.require(Capability.FULL_LOGITS, "cache-logits (it scores the data's own tokens)")
@@ -136,10 +139,10 @@ def build_cache(
         raise UserError(
             f"tokens per batch ({tokens_per_batch}) must hold one example (max_length {max_length})"
         )
-    data_path, out = Path(data_path), Path(out_dir)
+    data_path, out = str(Path(data_path)), Path(out_dir)  # as earlier versions recorded it
     started = time.perf_counter()
     examples: list[Example | None] = []
-    for index, (line, record) in enumerate(iter_jsonl(data_path)):
+    for index, (line, record) in enumerate(iter_records(data_path, fields)):
         examples.append(
             encode(
                 tokenizer, conversation(record, data_path, line), max_length=max_length, index=index
@@ -149,7 +152,7 @@ def build_cache(
         tokenizer_fingerprint(tokenizer),
         teacher.name,
         data_path,
-        file_digest(data_path),
+        source_digest(data_path, fields),
         top_k,
         vocab,
         max_length,
@@ -332,7 +335,13 @@ class TopkCache(Teacher):
         self.per_shard = int(self.index["examples_per_shard"])
         self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def check_compatible(self, tokenizer, data_path: str | Path, max_length: int) -> None:
+    def check_compatible(
+        self,
+        tokenizer,
+        data_path: str | Path,
+        max_length: int,
+        fields: FieldMap | None = None,
+    ) -> None:
         """Refuse a cache made with another tokenizer, other data or another max_length, with a
         message saying which, and a cache that is not complete."""
         if tokenizer_fingerprint(tokenizer) != self.index["fingerprint"]:
@@ -341,7 +350,7 @@ class TopkCache(Teacher):
                 "tokens or chat template differ from the student's); its token ids and positions "
                 "do not apply. Rebuild it with the student's tokenizer family"
             )
-        if file_digest(data_path) != self.index["data"]["sha256"]:
+        if source_digest(data_path, fields) != self.index["data"]["sha256"]:
             raise UserError(
                 f"teacher cache {self.dir} was made from other data than {data_path} (its content differs)"
             )

@@ -192,6 +192,8 @@ class HFTeacher(Teacher):
                 (self.token_text(i), lp)
                 for i, lp in zip(content, chosen_logprobs.tolist(), strict=True)
             ]
+            generation.top_ids = top_ids.tolist()
+            generation.token_ids = [int(i) for i in content]
         return generation
 
     def token_text(self, token_id: int) -> str:

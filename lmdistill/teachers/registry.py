@@ -2,8 +2,9 @@
 
 smollm2-135m-instruct          a bundled model (converted once into the cache, then local)
 ./path/to/model-dir            a Hugging Face model dir (config.json, weights, tokenizer)
+ORG/NAME[@REVISION]            a Hugging Face Hub model (downloaded, or from the HF cache offline)
 openai:gpt-4o-mini             an OpenAI model (key from $OPENAI_API_KEY)
-vllm:MODEL_DIR_OR_NAME         vLLM in-process (GPU; pip install -e ".[vllm]")
+vllm:MODEL                     vLLM in-process, MODEL being any of the local forms above (GPU; pip install -e ".[vllm]")
 http://127.0.0.1:8000/v1       any OpenAI-compatible server, e.g. `lmdistill serve`"""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lmdistill.errors import UserError, did_you_mean
+from lmdistill.models import hub_name, model_config_file, resolve_model_dir
 from lmdistill.teachers.base import Capability, Teacher
 from lmdistill.teachers.bundled import BUNDLED_NAMES
 
@@ -24,21 +26,14 @@ def load_teacher(spec: str, **options: Any) -> Teacher:
     `device`, `dtype` for a local model; `concurrency`, `max_retries`, `timeout_s`, `api_key_env`
     for an API); an option the teacher does not take is a UserError. For a URL, `model=` picks the
     served model; without it the server's only model is used."""
-    if spec in BUNDLED_NAMES:
-        from lmdistill.teachers.bundled import bundled_model_dir
-        from lmdistill.teachers.local import HFTeacher
-
-        return _construct(HFTeacher, spec, bundled_model_dir(spec), name=spec, **options)
     if spec.startswith("vllm:"):
         from lmdistill.teachers.vllm_teacher import VLLMTeacher, import_vllm
 
         import_vllm()  # a clear error before any path resolution on machines without vLLM
         target = spec.removeprefix("vllm:")
-        if target in BUNDLED_NAMES:
-            from lmdistill.teachers.bundled import bundled_model_dir
-
-            return _construct(VLLMTeacher, spec, bundled_model_dir(target), name=target, **options)
-        return _construct(VLLMTeacher, spec, Path(target).expanduser(), **options)
+        # Resolved here rather than by vLLM, so that a revision is pinned and the offline cache
+        # is read the same way for every teacher.
+        return _construct(VLLMTeacher, spec, _model_dir(target), name=_name(target), **options)
     if spec.startswith("openai:"):
         model = spec.removeprefix("openai:")
         if not model:
@@ -50,32 +45,21 @@ def load_teacher(spec: str, **options: Any) -> Teacher:
         return _construct(_openai_teacher_class(), spec, model, base_url=spec, **options)
     from lmdistill.teachers.local import HFTeacher
 
-    return _construct(HFTeacher, spec, _model_dir(spec), **options)
+    return _construct(HFTeacher, spec, _model_dir(spec), name=_name(spec), **options)
 
 
 def check_teacher(spec: str, **options: Any) -> Capability:
     """What the teacher named by `spec` can give, found as `load_teacher` finds it but without
     loading weights or calling a server, so a recipe is checked before hours of work: a bundled
-    name whose package is installed, a model dir with a config.json, vLLM installed, an API
+    name whose package is installed, a model dir with a config.json, a Hub model whose
+    config.json is cached or downloadable (its weights are not fetched), vLLM installed, an API
     model with its key set (the same constructor runs; it makes no request), or a well-formed
     URL. `options` are checked against the teacher's constructor. Raises UserError."""
-    from lmdistill.teachers.bundled import gguf_path
-
-    if spec in BUNDLED_NAMES:
-        from lmdistill.teachers.local import HFTeacher
-
-        gguf_path(spec)  # the package holding its weights is installed
-        _check_options(HFTeacher, spec, options)
-        return HFTeacher.capabilities
     if spec.startswith("vllm:"):
         from lmdistill.teachers.vllm_teacher import VLLMTeacher, import_vllm
 
         import_vllm()
-        target = spec.removeprefix("vllm:")
-        if target in BUNDLED_NAMES:
-            gguf_path(target)
-        elif target.startswith(("/", ".", "~")):  # else a Hub name, which vLLM itself fetches
-            _model_dir(target)
+        _check_model(spec.removeprefix("vllm:"))
         _check_options(VLLMTeacher, spec, options)
         return VLLMTeacher.capabilities
     if spec.startswith(("http://", "https://")):
@@ -87,26 +71,43 @@ def check_teacher(spec: str, **options: Any) -> Capability:
         return load_teacher(spec, **options).capabilities
     from lmdistill.teachers.local import HFTeacher
 
-    _model_dir(spec)
+    _check_model(spec)
     _check_options(HFTeacher, spec, options)
     return HFTeacher.capabilities
 
 
 def _model_dir(spec: str) -> Path:
-    """The Hugging Face model dir `spec` names, or a UserError saying what else it could be."""
-    path = Path(spec).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if path.exists():
-        raise UserError(
-            f"teacher '{spec}': {path} is not a Hugging Face model dir (no config.json)"
-        )
-    if spec.startswith(("/", ".", "~")):
-        raise UserError(f"teacher '{spec}': no such model dir")
+    """The local model dir `spec` names (a bundled model converted, a dir, a Hub model's
+    snapshot), or a UserError saying what else it could be."""
+    _refuse_unknown(spec)
+    return resolve_model_dir(spec)
+
+
+def _name(spec: str) -> str | None:
+    """The teacher's name: a bundled or Hub name as typed (a Hub snapshot's dir is named by its
+    commit); None lets a model dir be named by its dir name."""
+    return spec if spec in BUNDLED_NAMES or hub_name(spec) else None
+
+
+def _check_model(spec: str) -> None:
+    """`_model_dir`'s checks without converting, downloading or loading weights."""
+    from lmdistill.teachers.bundled import gguf_path
+
+    if spec in BUNDLED_NAMES:
+        gguf_path(spec)  # the package holding its weights is installed
+        return
+    _refuse_unknown(spec)
+    model_config_file(spec)
+
+
+def _refuse_unknown(spec: str) -> None:
+    """A bare word that is no bundled name and no existing dir is most likely a mistyped name."""
+    if spec in BUNDLED_NAMES or hub_name(spec) or "/" in spec or Path(spec).expanduser().exists():
+        return
     raise UserError(
         f"unknown teacher '{spec}'{did_you_mean(spec, BUNDLED_NAMES)}: use a bundled name "
-        f"({', '.join(BUNDLED_NAMES)}), a Hugging Face model dir, openai:MODEL, or an http(s):// "
-        "URL of an OpenAI-compatible server"
+        f"({', '.join(BUNDLED_NAMES)}), a Hugging Face model dir, a Hub name ORG/NAME[@REVISION], "
+        "openai:MODEL, or an http(s):// URL of an OpenAI-compatible server"
     )
 
 

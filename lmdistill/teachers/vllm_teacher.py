@@ -2,11 +2,17 @@
 
 vLLM batches and schedules the whole request list itself (continuous batching, paged KV cache), so
 this teacher hands it every conversation at once and yields the results. It gives text and top-k
-log-probs of the generated tokens; for full logits of given sequences (online logit KD) use the
+log-probs of the generated tokens, by token id as well as by text (`Generation.top_ids`,
+`token_ids`: what an offline cache and the sparse loss index by); for full logits of given sequences (online logit KD) use the
 local HF teacher, which shares the same model dir.
 
-Spec: `vllm:MODEL_DIR_OR_BUNDLED_NAME` (e.g. `vllm:smollm2-135m-instruct`). Not importable on a
-machine without vLLM: `load_teacher` then says how to install it.
+Spec: `vllm:MODEL` with MODEL a bundled name, a model dir or a Hub name (e.g.
+`vllm:smollm2-135m-instruct`). Not importable on a machine without vLLM: `load_teacher` then says
+how to install it.
+
+Only the engine needs a GPU: the translation of its outputs below is tested on CPU with a stand-in
+engine returning vLLM-shaped outputs (tests/teachers/test_vllm_teacher.py); loading a model into
+`vllm.LLM` and its sampling run only on a GPU machine with vLLM installed.
 """
 
 from __future__ import annotations
@@ -93,33 +99,41 @@ class VLLMTeacher(Teacher):
         latency = time.perf_counter() - start
         for index, output in enumerate(outputs):
             prompt_tokens = len(output.prompt_token_ids or [])
-            yield GenerationResult(
-                index,
-                generations=[
-                    Generation(
-                        text=choice.text,
-                        finish_reason="length" if choice.finish_reason == "length" else "stop",
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=len(choice.token_ids),
-                        latency_s=latency,
-                        top_logprobs=_top_logprobs(choice.logprobs),
-                    )
-                    for choice in output.outputs
-                ],
-            )
+            generations = []
+            for choice in output.outputs:
+                generation = Generation(
+                    text=choice.text,
+                    finish_reason="length" if choice.finish_reason == "length" else "stop",
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=len(choice.token_ids),
+                    latency_s=latency,
+                )
+                if choice.logprobs:
+                    _add_logprobs(generation, choice, params.top_logprobs)
+                generations.append(generation)
+            yield GenerationResult(index, generations=generations)
 
     def close(self) -> None:
         del self.llm
 
 
-def _top_logprobs(per_token: Any) -> list[list[tuple[str, float]]] | None:
-    """vLLM's per-token {token_id: Logprob} dicts as (token, logprob) lists, best first."""
-    if not per_token:
-        return None
-    return [
-        [
-            (lp.decoded_token or str(token_id), float(lp.logprob))
-            for token_id, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob)
-        ]
-        for entry in per_token
-    ]
+def _add_logprobs(generation: Generation, choice: Any, k: int) -> None:
+    """Fill `generation`'s top-k and sampled-token log-probs from vLLM's `choice.logprobs`: one
+    {token_id: Logprob} dict per generated token, holding the k most likely tokens plus the
+    sampled one when it is not among them (so a dict may have k + 1 entries). The ids are the
+    dict's keys and `choice.token_ids`, the tokenizer's own, never re-tokenized text."""
+    tops, top_ids, chosen, chosen_ids = [], [], [], []
+    for token_id, entry in zip(choice.token_ids, choice.logprobs, strict=False):
+        best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[: max(k, 1)]
+        tops.append([(_text(i, lp), float(lp.logprob)) for i, lp in best])
+        top_ids.append([int(i) for i, _ in best])
+        sampled = entry[token_id]  # vLLM always reports the sampled token's log-prob
+        chosen.append((_text(token_id, sampled), float(sampled.logprob)))
+        chosen_ids.append(int(token_id))
+    generation.top_logprobs, generation.top_ids = tops, top_ids
+    generation.token_logprobs, generation.token_ids = chosen, chosen_ids
+
+
+def _text(token_id: int, logprob: Any) -> str:
+    """A token's text as vLLM decoded it; its id when vLLM did not (detokenize=False)."""
+    return logprob.decoded_token or str(token_id)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmdistill.data.records import Fields
 from lmdistill.errors import RecipeError, UserError
 from lmdistill.losses.divergences import Divergence
 
@@ -23,7 +24,7 @@ class _Strict(BaseModel):
 class FromTeacher(_Strict):
     """Build the student from the teacher's layers (see `training.students.student_from_teacher`)."""
 
-    teacher: str = Field(description="bundled teacher name or HF model dir")
+    teacher: str = Field(description="bundled teacher name, HF model dir or Hub name")
     layers: int | list[int] = Field(description="teacher layers to keep, or how many (spread)")
     intermediate_size: int | None = None
     hidden_size: int | None = None
@@ -37,7 +38,7 @@ class Lora(_Strict):
 
 
 class Student(_Strict):
-    model: str | None = Field(None, description="an HF causal LM dir")
+    model: str | None = Field(None, description="an HF causal LM dir or Hub name ORG/NAME[@REV]")
     from_teacher: FromTeacher | None = None
     lora: Lora | None = None
 
@@ -49,7 +50,9 @@ class Student(_Strict):
 
 
 class Teacher(_Strict):
-    model: str | None = Field(None, description="teacher spec: bundled name or HF model dir")
+    model: str | None = Field(
+        None, description="teacher spec: bundled name, HF model dir or Hub name"
+    )
     cache: str | None = Field(None, description="offline top-k cache dir (lmdistill cache-logits)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -72,7 +75,12 @@ class SpanWeights(_Strict):
 
 
 class Data(_Strict):
-    path: str
+    path: str = Field(
+        description="JSONL, Parquet or CSV file, a datasets save_to_disk dir, or hf:NAME[:CONFIG][@SPLIT]"
+    )
+    fields: Fields = Field(
+        None, description="field mapping: alpaca, dolly, sharegpt or KEY=COLUMN,..."
+    )
     split: str | None = Field(None, description="keep only records whose 'split' field equals this")
     max_length: int = Field(1024, ge=2, description="tokens per example; longer ones are cut")
     eval_path: str | None = None

@@ -18,6 +18,7 @@ from lmdistill.data.cross_tokenizer import (
     collate_teacher,
     load_teacher_examples,
 )
+from lmdistill.data.records import field_map
 from lmdistill.data.sft import Batch, Example, MicroBatch, check_packing
 from lmdistill.errors import UserError
 from lmdistill.training.config import TrainConfig, UldObjective
@@ -87,7 +88,11 @@ def load_cross_teacher(
         check_packing(model, atol=1e-4 if model.dtype == torch.float32 else 3e-2)
     data = config.data
     examples = load_teacher_examples(
-        data.path, tokenizer, max_length=data.max_length, split=data.split
+        data.path,
+        tokenizer,
+        max_length=data.max_length,
+        split=data.split,
+        fields=field_map(data.fields),
     )
     cross = CrossTokenizerTeacher(model, tokenizer, examples)
     cross.aligned_fraction = aligned_fraction(students, examples)

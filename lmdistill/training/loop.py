@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from lmdistill.data.jsonl import write_jsonl_atomic
+from lmdistill.data.records import field_map
 from lmdistill.data.sft import (
     Batch,
     Example,
@@ -317,16 +318,18 @@ class Trainer:
     def _load_data(self) -> tuple[list[Example], list[Example]]:
         data = self.config.data
         span_weights = data.span_weights and SpanWeights(**data.span_weights.model_dump())
+        fields = field_map(data.fields)
         examples = load_examples(
             data.path,
             self.tokenizer,
             max_length=data.max_length,
             split=data.split,
             span_weights=span_weights,
+            fields=fields,
         ).examples
-        if data.eval_path is not None:
+        if data.eval_path is not None:  # held-out data of the same shape as the training data
             held_out = load_examples(
-                data.eval_path, self.tokenizer, max_length=data.max_length
+                data.eval_path, self.tokenizer, max_length=data.max_length, fields=fields
             ).examples
             return examples, held_out
         n_eval = round(len(examples) * data.eval_fraction)
@@ -351,7 +354,8 @@ class Trainer:
         from lmdistill.teachers.cache import TopkCache
 
         cache = TopkCache(self.config.teacher.cache)
-        cache.check_compatible(self.tokenizer, self.config.data.path, self.config.data.max_length)
+        data = self.config.data
+        cache.check_compatible(self.tokenizer, data.path, data.max_length, field_map(data.fields))
         return cache
 
     def _load_teacher_model(self):

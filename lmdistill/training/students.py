@@ -97,12 +97,11 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype | None = torch.float3
 
 
 def resolve_model_dir(spec: str | Path) -> Path:
-    """A bundled teacher name (converted once into the cache) or a model dir, as a path."""
-    from lmdistill.teachers.bundled import BUNDLED_NAMES, bundled_model_dir
+    """A bundled teacher name (converted once into the cache), a model dir or a Hub name
+    (ORG/NAME[@REVISION]), as a local dir: see `lmdistill.models`."""
+    from lmdistill.models import resolve_model_dir as resolve
 
-    if str(spec) in BUNDLED_NAMES:
-        return bundled_model_dir(str(spec))
-    return Path(spec).expanduser()
+    return resolve(spec)
 
 
 def decoder_layers_name(model: torch.nn.Module) -> str:
@@ -234,17 +233,16 @@ class ModelShape:
 
 
 def model_shape(spec: str | Path) -> ModelShape:
-    """The shape of a bundled model (from its converted dir, else its GGUF's header) or of a
-    model dir (its config.json; a multimodal config's text_config)."""
+    """The shape of a bundled model (from its converted dir, else its GGUF's header), of a model
+    dir or of a Hub model (its config.json alone; a multimodal config's text_config)."""
     from lmdistill.teachers.bundled import BUNDLED_NAMES, bundled_config
 
     if str(spec) in BUNDLED_NAMES:
         raw = bundled_config(str(spec))
     else:
-        path = Path(spec).expanduser() / "config.json"
-        if not path.is_file():
-            raise UserError(f"{path.parent} is not a Hugging Face model dir (no config.json)")
-        raw = json.loads(path.read_text())
+        from lmdistill.models import model_config_file
+
+        raw = json.loads(model_config_file(spec).read_text())
         raw = {**raw, **(raw.get("text_config") or {})}
     try:
         return ModelShape(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from needs import needs_smollm2
 
 from lmdistill.cli import main
 from lmdistill.training import loop
@@ -13,6 +14,7 @@ from lmdistill.training.config import load_config, validate
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@needs_smollm2  # the recipe's online teacher is the bundled one
 def test_dry_run_prints_the_resolved_recipe_and_the_plan_without_loading(
     tmp_path, monkeypatch, capsys
 ):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import needs_smollm2
 
 from lmdistill.errors import UserError
 from lmdistill.teachers import bundled
@@ -45,6 +46,7 @@ def test_cache_root_follows_the_environment(
     assert bundled.cache_root().name == "lmdistill"
 
 
+@needs_smollm2
 def test_shipped_gguf_is_found_without_importing_its_package() -> None:
     path = bundled.gguf_path(NAME)
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,6 +123,7 @@ def test_a_changed_source_is_converted_again(fake_source: dict[str, int]) -> Non
 
 
 @pytest.mark.integration
+@needs_smollm2
 def test_bundled_dir_is_a_plain_model_dir(real_cache: Path) -> None:
     path = bundled.bundled_model_dir(NAME)
     assert path == real_cache / "models" / NAME
@@ -133,6 +136,7 @@ def test_bundled_dir_is_a_plain_model_dir(real_cache: Path) -> None:
 
 
 @pytest.mark.integration
+@needs_smollm2
 def test_bundled_teacher_knows_the_capital_of_france(real_cache: Path) -> None:
     from lmdistill.teachers.registry import load_teacher
 
@@ -153,6 +157,7 @@ def test_bundled_teacher_knows_the_capital_of_france(real_cache: Path) -> None:
     print(f"bundled teacher: loaded in {load_s:.2f} s; answer: {france.text!r}")
 
 
+@needs_smollm2
 def test_the_gguf_header_gives_the_config_without_converting(tmp_path, monkeypatch):
     """A recipe check reads the bundled teacher's sizes from its GGUF's header in well under a
     second; every header value agrees with the gguf package's full reader."""

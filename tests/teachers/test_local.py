@@ -325,6 +325,8 @@ def test_greedy_logprobs_match_teacher_forcing(teacher: HFTeacher) -> None:
         assert [t for t, _ in generation.top_logprobs[step]] == [
             teacher.token_text(int(i)) for i in top_ids
         ]
+        assert generation.top_ids is not None and generation.top_ids[step] == top_ids.tolist()
+        assert generation.token_ids is not None and generation.token_ids[step] == token_id
         assert [lp for _, lp in generation.top_logprobs[step]] == pytest.approx(
             top_values.tolist(), abs=1e-4
         )
