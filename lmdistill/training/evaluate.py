@@ -24,6 +24,8 @@ Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on
 
 def argmax_tokens(hidden: Tensor, head: Tensor, chunk: int = 1024) -> Tensor:
     """argmax over the vocabulary of hidden @ head.T, chunked: (N, H), (V, H) -> (N,)."""
+    if hidden.shape[0] == 0:  # a batch without targets (a process's filler held-out batch)
+        return torch.empty(0, dtype=torch.long, device=hidden.device)
     return torch.cat(
         [(hidden[i : i + chunk] @ head.T).argmax(-1) for i in range(0, hidden.shape[0], chunk)]
     )

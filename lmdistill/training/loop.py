@@ -34,7 +34,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 from lmdistill.data.jsonl import write_jsonl_atomic
 from lmdistill.data.records import field_map
 from lmdistill.data.sft import (
+    IGNORE_INDEX,
     Batch,
     Example,
     MicroBatch,
@@ -470,10 +471,20 @@ class Trainer:
             shuffle=False,
         )
         plan = plan[: self.config.eval.max_batches]
-        mine = plan[self.accelerator.process_index :: self.accelerator.num_processes]
+        processes = self.accelerator.num_processes
+        mine = plan[self.accelerator.process_index :: processes]
         # A held-out file has no cache rows; examples split off the training file do.
         cached = self.config.data.eval_path is None
-        return [self._batch(self.eval_examples, mb, cached) for mb in mine]
+        batches = [self._batch(self.eval_examples, mb, cached) for mb in mine]
+        # Every process runs as many held-out forwards as the first: under DDP (buffer broadcast)
+        # and FSDP (parameter all-gather) a forward is a collective, so a process out of batches
+        # would leave the others waiting in theirs forever (issue 16). A filler counts no token.
+        rounds = -(-len(plan) // processes)
+        if len(batches) < rounds:
+            filler = self._batch(self.eval_examples, plan[0], cached)
+            filler = replace(filler, targets=torch.full_like(filler.targets, IGNORE_INDEX))
+            batches += [filler] * (rounds - len(batches))
+        return batches
 
     # ------------------------------------------------------------------------------ training
     def train_step(self, batches: list[Batch]) -> dict[str, float]:

@@ -81,7 +81,9 @@ def test_two_processes_match_one_with_the_same_global_batch(
             teacher={"model": str(teacher_dir)},
             objectives=[{"kind": "logits", "alpha": 0.5}, {"kind": "hidden", "weight": 0.5}],
             optim={"lr": 3e-3, "steps": 4},
-            eval={"every": 2},
+            # 1 held-out batch: the second process has none to evaluate (issue 16: a process that
+            # ran out of held-out batches left the other waiting in its forward forever).
+            eval={"every": 2, "max_batches": 1},
         )
         path = tmp_path / f"p{processes}.yaml"
         path.write_text(yaml.safe_dump(raw))
