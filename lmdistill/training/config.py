@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmdistill.data.records import Fields
 from lmdistill.errors import RecipeError, UserError
@@ -221,6 +228,13 @@ class TrainConfig(_Strict):
     checkpoint: Checkpoint = Checkpoint()
     log: Log = Log()
     on_policy: OnPolicy | None = None
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false (`precision: no` in a recipe, `train.precision=no`
+        # on the command line): it means the documented value, not a boolean.
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _on_policy_needs_an_online_teacher(self) -> TrainConfig:

@@ -60,6 +60,16 @@ def test_overrides_set_dotted_keys_and_list_items(tmp_path: Path):
     )
 
 
+def test_precision_no_is_the_value_not_a_yaml_boolean(tmp_path: Path):
+    """YAML reads a bare `no` as false; `precision: no` (file or override) means "no"."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "precision: no\n")
+    assert load_config(path).precision == "no"
+    assert load_config(write(tmp_path, MINIMAL), ["precision=no"]).precision == "no"
+    with pytest.raises(UserError, match="precision: Input should be"):
+        load_config(write(tmp_path, MINIMAL), ["precision=yes"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
