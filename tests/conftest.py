@@ -1,8 +1,11 @@
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from lmdistill.teachers.bundled import CACHE_ENV
 
 # Tiny models are faster on one thread, and two test processes (or a test and its server) must not
 # fight over the 2 cores; subprocesses inherit it.
@@ -35,3 +38,18 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
+
+
+# The real bundled teachers' conversion cache, shared by the tests that load them: a fixed dir
+# under the repo (gitignored), so a conversion (~20 s) happens once per machine, not once per test
+# run; a cache dir chosen by the environment wins.
+REAL_CACHE = Path(
+    os.environ.get(CACHE_ENV) or Path(__file__).parents[1] / ".cache" / "lmdistill-test"
+)
+
+
+@pytest.fixture(scope="module")
+def real_cache() -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(REAL_CACHE))
+        yield REAL_CACHE

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,6 +41,9 @@ class FaultPlan:
     api_key: str | None = None  # when set, any other bearer token gets 401
     max_choices: int | None = None  # answer at most this many choices (a server that ignores n)
     answer: str | None = None  # fixed answer text; default: derived from the prompt
+    # The answer to a conversation (its messages), in place of `answer`: a teacher with a
+    # behaviour, e.g. one that calls tools (tests/toolserver.py).
+    reply: Callable[[list[dict[str, Any]]], str] | None = None
     ok_first: int = 0  # the first this many requests are answered whatever the faults
     seed: int = 0
 
@@ -63,8 +66,12 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
 
 
-def answer_text(prompt: str, choice: int, plan: FaultPlan) -> str:
+def answer_text(
+    prompt: str, choice: int, plan: FaultPlan, messages: list[dict[str, Any]] | None = None
+) -> str:
     """The canned answer: deterministic, so tests can check which prompt it belongs to."""
+    if plan.reply is not None:
+        return plan.reply(messages or [{"role": "user", "content": prompt}])
     if plan.answer is not None:
         return plan.answer
     return f"answer {choice} to: {prompt}"
@@ -178,7 +185,7 @@ def _completion(body: dict[str, Any], plan: FaultPlan) -> dict[str, Any]:
     choices = []
     completion_tokens = 0
     for i in range(n):
-        words = answer_text(prompt, i, plan).split(" ")
+        words = answer_text(prompt, i, plan, messages).split(" ")
         finish = "stop" if len(words) <= max_tokens else "length"
         words = words[:max_tokens]
         completion_tokens += len(words)

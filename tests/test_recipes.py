@@ -3,26 +3,16 @@ resolves it (the whole recipe validated, the plan printed, nothing run or loaded
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
 from needs import SMOLLM2_INSTALLED
+from shipped import RECIPES, ROOT, opening_command
 
 from lmdistill.cli import main
 from lmdistill.teachers.bundled import BUNDLED, DEFAULT_TEACHER
 
 INSTALL = BUNDLED[DEFAULT_TEACHER].pip_command
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-
-
-def opening_command(path: Path) -> list[str]:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# lmdistill "), f"{path.name} must open with its command: {first}"
-    return shlex.split(first.removeprefix("# lmdistill "))
-
 
 # What a recipe may lack on a CPU machine with the default install, by recipe key: the GPU
 # recipe's vLLM and model dirs, the optional Gemma teacher and the data file its comment makes.
