@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,19 +90,41 @@ async def collect(
     engine: Engine, prompts: list[list[int]], options: SamplingOptions
 ) -> list[_Output]:
     outputs = [_Output(Prompt(p), [_Choice() for _ in range(options.n)]) for p in prompts]
-    try:
+    with as_api_errors():  # the engine logs its own failures with their tracebacks
         async for index, event in _events(engine, prompts, options):
             if isinstance(event, Prompt):
                 outputs[index].prompt = event
             else:
                 outputs[index].choices[event.choice].add(event)
+    return outputs
+
+
+@contextmanager
+def as_api_errors(failed: str | None = None) -> Iterator[None]:
+    """Generation failures as OpenAI-shaped errors: 503 while the server shuts down, else 500,
+    the traceback logged under `failed` when given. APIErrors pass through as they are."""
+    try:
+        yield
     except ServerShuttingDown as exc:
         raise APIError(503, str(exc), type="server_error") from None
     except APIError:
         raise
-    except Exception:  # logged with its traceback by the engine
+    except Exception:
+        if failed is not None:
+            log.exception(failed)
         raise APIError(500, "generation failed; see the server log", type="server_error") from None
-    return outputs
+
+
+def _finished(
+    choice: dict[str, Any], event: Delta, body: ChatCompletionRequest | CompletionRequest
+) -> dict[str, Any]:
+    """A streamed choice with what its last chunk carries (vLLM's stop_reason) and, when asked,
+    its token ids."""
+    if event.finish_reason is not None:
+        choice["stop_reason"] = event.stop_reason
+    if body.return_token_ids:
+        choice["token_ids"] = event.token_ids
+    return choice
 
 
 def _usage(outputs: list[_Output]) -> dict[str, int]:
@@ -328,7 +351,7 @@ async def chat_chunks(
     for index in range(options.n):
         delta = {"role": "assistant", "content": ""}
         yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
-    try:
+    with as_api_errors("a streamed chat request failed"):
         async for p, event in _events(local.engine, prompts, options):
             if isinstance(event, Prompt):
                 outputs[p].prompt = event
@@ -348,16 +371,7 @@ async def chat_chunks(
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
-            if event.finish_reason is not None:
-                choice["stop_reason"] = event.stop_reason
-            if body.return_token_ids:
-                choice["token_ids"] = event.token_ids
-            yield chunk([choice])
-    except ServerShuttingDown as exc:
-        raise APIError(503, str(exc), type="server_error") from None
-    except Exception:
-        log.exception("a streamed chat request failed")
-        raise APIError(500, "generation failed; see the server log", type="server_error") from None
+            yield chunk([_finished(choice, event, body)])
     if body.stream_options and body.stream_options.include_usage:
         yield {**chunk([]), "usage": _usage(outputs)}
 
@@ -379,7 +393,7 @@ async def completion_chunks(
 
     outputs = [_Output(Prompt(p), [_Choice() for _ in range(options.n)]) for p in prompts]
     offsets = [[0] * options.n for _ in prompts]
-    try:
+    with as_api_errors("a streamed completion request failed"):
         async for p, event in _events(local.engine, prompts, options):
             if isinstance(event, Prompt):
                 outputs[p].prompt = event
@@ -417,16 +431,7 @@ async def completion_chunks(
                 "logprobs": logprobs,
                 "finish_reason": event.finish_reason,
             }
-            if event.finish_reason is not None:
-                choice["stop_reason"] = event.stop_reason
-            if body.return_token_ids:
-                choice["token_ids"] = event.token_ids
-            yield chunk([choice])
-    except ServerShuttingDown as exc:
-        raise APIError(503, str(exc), type="server_error") from None
-    except Exception:
-        log.exception("a streamed completion request failed")
-        raise APIError(500, "generation failed; see the server log", type="server_error") from None
+            yield chunk([_finished(choice, event, body)])
     if body.stream_options and body.stream_options.include_usage:
         yield {**chunk([]), "usage": _usage(outputs)}
 
