@@ -131,6 +131,21 @@ def retention_interval(
     return Interval(float(s.mean() / t.mean()), *_percentiles(ratios, confidence))
 
 
+def _token_counts(
+    x: np.ndarray, y: np.ndarray, a_tokens, b_tokens, confidence: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The token counts of the paired scores x and y (ones when not given: a plain mean),
+    checked to match them and to be positive in total; `confidence` is checked too."""
+    _z(confidence)
+    tx = np.ones_like(x) if a_tokens is None else np.asarray(a_tokens, dtype=np.float64)
+    ty = np.ones_like(y) if b_tokens is None else np.asarray(b_tokens, dtype=np.float64)
+    if tx.shape != x.shape or ty.shape != y.shape:
+        raise ValueError("token counts need one entry per score")
+    if tx.sum() <= 0 or ty.sum() <= 0:
+        raise ValueError("no tokens: the ratio is undefined")
+    return tx, ty
+
+
 def paired_difference_interval(
     a: Sequence[float],
     b: Sequence[float],
@@ -152,13 +167,7 @@ def paired_difference_interval(
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size == 0:
         raise ValueError(f"a and b need the same non-zero number of scores, got {x.size}, {y.size}")
-    _z(confidence)
-    tx = np.ones_like(x) if a_tokens is None else np.asarray(a_tokens, dtype=np.float64)
-    ty = np.ones_like(y) if b_tokens is None else np.asarray(b_tokens, dtype=np.float64)
-    if tx.shape != x.shape or ty.shape != y.shape:
-        raise ValueError("token counts need one entry per score")
-    if tx.sum() <= 0 or ty.sum() <= 0:
-        raise ValueError("no tokens: the ratio is undefined")
+    tx, ty = _token_counts(x, y, a_tokens, b_tokens, confidence)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.size, size=(n_resamples, x.size))
     dx, dy = tx[idx].sum(axis=1), ty[idx].sum(axis=1)
@@ -194,13 +203,7 @@ def pooled_paired_difference_interval(
         raise ValueError(
             f"a and b need the same non-empty (seeds, examples) shape, got {x.shape}, {y.shape}"
         )
-    _z(confidence)
-    tx = np.ones_like(x) if a_tokens is None else np.asarray(a_tokens, dtype=np.float64)
-    ty = np.ones_like(y) if b_tokens is None else np.asarray(b_tokens, dtype=np.float64)
-    if tx.shape != x.shape or ty.shape != y.shape:
-        raise ValueError("token counts need one entry per score")
-    if tx.sum() <= 0 or ty.sum() <= 0:
-        raise ValueError("no tokens: the ratio is undefined")
+    tx, ty = _token_counts(x, y, a_tokens, b_tokens, confidence)
     seeds, examples = x.shape
     rng = np.random.default_rng(seed)
     s_idx = rng.integers(0, seeds, size=(n_resamples, seeds))[:, :, None]
