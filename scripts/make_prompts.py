@@ -429,24 +429,29 @@ def write(out: Path, groups: dict[str, list], seen: set[str], *, all_test: bool)
     return counts
 
 
+def templated(countries, words, concepts, facts, tasks) -> dict[str, list[str]]:
+    """The bundled templates, by category, over these subjects."""
+    return {
+        "capital": [f"What is the capital of {c}?" for c in countries],
+        "definition": [f"Define the word '{w}' in one sentence." for w in words],
+        "explanation": [f"Explain {c} in one or two sentences." for c in concepts],
+        "fact": facts,
+        "instruction": tasks,
+    }
+
+
 def main() -> None:
     assets = Path(__file__).resolve().parents[1] / "lmdistill" / "assets"
     seen: set[str] = set()
     bundled = {
-        "capital": [f"What is the capital of {c}?" for c in COUNTRIES],
-        "definition": [f"Define the word '{w}' in one sentence." for w in WORDS],
-        "explanation": [f"Explain {c} in one or two sentences." for c in CONCEPTS],
-        "fact": FACT_QUESTIONS,
-        "instruction": TASKS,
+        **templated(COUNTRIES, WORDS, CONCEPTS, FACT_QUESTIONS, TASKS),
         "arithmetic": arithmetic(),
     }
     write(assets / "prompts.jsonl", bundled, seen, all_test=False)
     extra = {
-        "capital": [f"What is the capital of {c}?" for c in EXTRA_COUNTRIES],
-        "definition": [f"Define the word '{w}' in one sentence." for w in EXTRA_WORDS],
-        "explanation": [f"Explain {c} in one or two sentences." for c in EXTRA_CONCEPTS],
-        "fact": EXTRA_FACT_QUESTIONS,
-        "instruction": EXTRA_TASKS,
+        **templated(
+            EXTRA_COUNTRIES, EXTRA_WORDS, EXTRA_CONCEPTS, EXTRA_FACT_QUESTIONS, EXTRA_TASKS
+        ),
         # The next 40 questions of the task's test split (the bundled set has its first 36).
         "arithmetic": arithmetic((("test", 36, 76),)),
     }
