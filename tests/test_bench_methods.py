@@ -1,0 +1,83 @@
+"""bench/methods.py's own logic: every method's training recipe validates, and the table's
+verdicts and JSON line come from the pooled paired intervals. (Its full run needs the bundled
+teacher and ~90 minutes: it is a benchmark, not a test.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import methods
+
+from lmdistill.training.config import validate
+
+
+@pytest.mark.parametrize("method", methods.ALL_METHODS)
+def test_every_methods_training_recipe_validates(tmp_path: Path, method: str):
+    bench = methods.Bench(out=tmp_path, seeds=(0,), methods=(method,))
+    paths = methods.data_paths(bench)
+    config = validate(
+        methods.method_config(bench, method, 0, paths, tmp_path / "student", sft_steps=78),
+        method,
+    )
+    if method != "sft":  # the same optimizer steps as SFT (opd: its own continuation)
+        assert config.optim.steps == (bench.opd_steps if method == "opd" else 78)
+    assert (config.on_policy is not None) == (method in ("gkd", "opd"))
+
+
+def fake_run(method: str, seed: int, rouge: np.ndarray, agree: np.ndarray) -> dict:
+    ids = [f"e{i}" for i in range(len(rouge))]
+    return {
+        "method": method,
+        "seed": seed,
+        "train_seconds": 60.0,
+        "steps": 78,
+        "ids": ids,
+        "rouge_l": rouge.tolist(),
+        "agree": agree.tolist(),
+        "kl": (10 - agree).tolist(),
+        "tokens": [10.0] * len(ids),
+        "task_scores": {"t0": 0.0, "t1": 1.0},
+        "teacher_task": 0.5,
+    }
+
+
+def test_the_table_calls_a_consistent_gain_better_a_loss_worse_and_noise_a_tie():
+    rng = np.random.default_rng(0)
+    results: dict[str, dict[int, dict]] = {"sft": {}, "up": {}, "down": {}, "same": {}}
+    for seed in (0, 1, 2):
+        rouge, agree = rng.random(200), rng.integers(0, 10, 200).astype(float)
+        results["sft"][seed] = fake_run("sft", seed, rouge, agree)
+        results["up"][seed] = fake_run("up", seed, rouge, np.minimum(agree + 1, 10))
+        results["down"][seed] = fake_run("down", seed, rouge - 0.1, agree)
+        noise = rng.normal(0, 0.05, 200)
+        results["same"][seed] = fake_run("same", seed, rouge + noise, agree)
+    summary = methods.summarize(
+        methods.Bench(out=Path("."), seeds=(0, 1, 2), methods=()), results, 1.0
+    )
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert "vs_sft" not in rows["sft"]
+    assert rows["up"]["vs_sft"]["top1"]["verdict"] == "better"
+    assert rows["up"]["vs_sft"]["kl"]["verdict"] == "better"  # lower KL is better
+    assert rows["down"]["vs_sft"]["rouge_l"]["verdict"] == "worse"
+    assert rows["same"]["vs_sft"]["rouge_l"]["verdict"] == "tie"
+    line = methods.headline(summary, (0, 1, 2))
+    assert set(line) == {
+        "best_method",
+        "best_vs_sft_rouge_l",
+        "best_vs_sft_rouge_l_low",
+        "best_vs_sft_top1",
+        "opd_vs_sft_rouge_l",
+        "best_task_retention",
+        "seeds",
+        "minutes",
+    }
+    assert line["best_method"] in ("up", "same")  # the highest ROUGE-L lower bound
+    assert line["best_task_retention"] == 1.0 and line["seeds"] == 3
+    json.dumps(line)
+    assert "| up | 3 |" in methods.markdown(summary)
