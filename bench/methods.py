@@ -153,8 +153,10 @@ def student_stage(b: Bench) -> Path:
     from lmdistill.training.students import student_from_teacher
 
     out = b.out / "students" / f"spread{b.layers}"
-    if not (out / "config.json").exists():
+    done = out.with_suffix(".done")  # config.json comes first: a crash could leave only it
+    if not done.exists():
         student_from_teacher(TEACHER, layers=b.layers, out_dir=out)
+        done.touch()
     return out
 
 
