@@ -204,6 +204,19 @@ class QuickstartResult:
 PRESENTATION = ("progress", "measure_cost", "eval_limit", "eval_tasks")
 
 
+def check_student(s: QuickstartSettings) -> None:
+    """The student the settings ask for fits the teacher (`student_from_teacher`'s own rules, on
+    the teacher's config alone: no weights loaded)."""
+    from lmdistill.training.students import model_shape, student_problems
+
+    problems = student_problems(
+        model_shape(s.teacher), layers=s.student_layers, intermediate_size=s.student_intermediate
+    )
+    if problems:
+        flags = {"layers": "--layers", "intermediate_size": "student_intermediate"}
+        raise UserError("; ".join(f"{flags.get(k, k)}: {v}" for k, v in problems.items()))
+
+
 def check_settings(s: QuickstartSettings, path: Path) -> None:
     """Refuse to reuse an output dir made with other settings: its stages are skipped on their
     done-markers, so `--layers 5` or `--seed 1` over a default run would report the old models."""
@@ -229,6 +242,7 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
 
     start = time.perf_counter()
     out = Path(s.out_dir)
+    check_student(s)  # before anything runs: a bad --layers is found in a second, not minutes
     out.mkdir(parents=True, exist_ok=True)
     check_settings(s, out / "settings.json")
     write_text_atomic(out / "settings.json", json.dumps(asdict(s), indent=2, default=str))

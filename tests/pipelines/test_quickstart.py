@@ -72,3 +72,17 @@ def test_quickstart_refuses_a_dir_made_with_other_settings(tmp_path):
     check_settings(QuickstartSettings(progress=False, eval_limit=10), path)  # display only
     with pytest.raises(UserError, match=r"seed, student_layers differ"):
         check_settings(QuickstartSettings(student_layers=5, seed=1), path)
+
+
+def test_quickstart_refuses_a_student_the_teacher_cannot_give_before_any_stage(
+    tmp_path, tiny_model_dir
+):
+    import pytest
+
+    from lmdistill.errors import UserError
+
+    out = tmp_path / "qs"
+    settings = QuickstartSettings(out_dir=out, teacher=str(tiny_model_dir), student_layers=99)
+    with pytest.raises(UserError, match=r"--layers: .*needs 1"):
+        quickstart(settings)
+    assert not out.exists()
