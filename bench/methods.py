@@ -27,6 +27,8 @@ Methods (`--methods`, comma-separated):
             samples), online teacher
   opd       on-policy distillation: the SFT student continues with per-token reverse KL to the
             teacher on its own samples (lambda 1), `--opd-steps` steps
+  skd       opd with a speculative proposal (SKD, arXiv:2410.11325): the student proposes each
+            token and one outside the teacher's top 25 is replaced by the teacher's sample
 
 Every (method, seed) result is cached under `--out` (a rerun skips what is done, so the bench is
 resumable and can be grown with more seeds). The table reports each method minus SFT pooled over
@@ -55,7 +57,7 @@ from lmdistill.pipelines.quickstart import ASSETS, MAX_LENGTH, PROMPTS
 
 EXTRA_PROMPTS = ASSETS / "prompts_extra_test.jsonl"
 TEACHER = "smollm2-135m-instruct"
-ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd")
+ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd", "skd")
 TASK = "arithmetic_1digit"
 
 
@@ -206,11 +208,13 @@ def method_config(
         raw["objectives"] = [logits("jsd", beta=0.5)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 0.5, "max_new_tokens": b.max_tokens}
-    elif method == "opd":
+    elif method in ("opd", "skd"):
         raw["student"] = {"model": str(b.out / "runs" / "sft" / f"seed{seed}" / "final")}
         raw["objectives"] = [logits("reverse_kl", alpha=1.0)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 1.0, "max_new_tokens": b.max_tokens}
+        if method == "skd":
+            raw["on_policy"].update(proposal="speculative", teacher_top_k=25)
         raw["optim"] = {"lr": b.opd_lr, "warmup_steps": 0, "steps": b.opd_steps}
     else:
         raise SystemExit(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")

@@ -210,6 +210,7 @@ class Trainer:
                 raise UserError("on_policy: not supported with FSDP (use DDP or one process)")
             self.on_policy = OnPolicySampler(
                 config.on_policy,
+                teacher=teacher_model,  # the config asks on-policy runs for an online teacher
                 seed=config.seed,
                 tokenizer=self.tokenizer,
                 row_length=config.data.max_length,
@@ -613,6 +614,8 @@ class Trainer:
                 record = self.train_step(batches)
                 if self.on_policy is not None:
                     record.update(step_record(batches, self._sum_over_processes))
+                    if record["on_policy"] and self.on_policy.acceptance is not None:
+                        record["proposal_kept"] = self.on_policy.acceptance
                 self.step += 1
                 record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - started, 1e-9)
                 history.append(record)
