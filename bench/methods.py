@@ -79,7 +79,7 @@ class Bench:
     progress: bool = False
     student: str = "spread"  # how the student's layers are chosen: spread | importance
     heal_steps: int = 0  # logit-KD steps on the teacher's text before any method (0: none)
-    calibration: int = 32  # teacher conversations the importance ranking reads
+    calibration: int = 8  # teacher conversations the importance ranking reads (64 tokens each)
 
     @property
     def tag(self) -> str:
@@ -185,6 +185,7 @@ def student_stage(b: Bench, paths: dict[str, Path]) -> Path:
             out_dir=out,
             selection=b.student,
             calibration=calibration_texts(b, paths),
+            calibration_tokens=64,
         )
         done.touch()
     if not b.heal_steps:
@@ -228,7 +229,7 @@ def start_scores(b: Bench, student: Path, paths: dict[str, Path]) -> dict[str, A
     say(f"[student] scoring the untrained student {name}")
     result = {"construction": name, **scores(b, str(student), paths)}
     teacher, tokenizer = load_model_dir(resolve_model_dir(TEACHER))
-    batch = pruning.calibration_batch(tokenizer, calibration_texts(b, paths), 96)
+    batch = pruning.calibration_batch(tokenizer, calibration_texts(b, paths), 64)
     result["calibration_kl"] = pruning.student_kl(teacher, load_model_dir(student)[0], *batch)
     result["layers"] = source_layers(b.out / "students" / f"{b.student}{b.layers}")
     write_json_atomic(out, result)

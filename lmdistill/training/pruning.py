@@ -9,7 +9,9 @@ logit distillation.
 - Depth: iterative removal. Starting from all layers, drop the one whose removal raises the
   calibration KL(teacher || pruned) least, and repeat until `keep` remain. One-shot scores (each
   layer's effect removed alone, or the cosine "block influence" of ShortGPT) ignore how removals
-  interact, which dominates when most layers go (7 of 30).
+  interact, which dominates when most layers go (7 of 30). While many layers are still to go, a
+  round drops the quarter of them that hurt least (30 -> 7 takes 12 rounds, ~190 forwards,
+  instead of 23 rounds and ~440); the last removals go one at a time.
 - Width: an MLP neuron's importance is the mean magnitude of its activation (the input of
   `down_proj`) over the calibration tokens, Minitron's activation-based score.
 
@@ -107,16 +109,15 @@ def prune_layers_by_kl(
         reference = _log_probs(model, ids, mask)
         kept, kl = list(range(total)), 0.0
         while len(kept) > keep:
-            best: tuple[float, int] | None = None
+            harm = []
             for layer in kept:
                 trial = [j for j in kept if j != layer]
                 with only_layers(model, trial):
-                    value = calibration_kl(reference, _log_probs(model, ids, mask))
-                if best is None or value < best[0]:
-                    best = (value, layer)
-            assert best is not None
-            kl = best[0]
-            kept.remove(best[1])
+                    harm.append((calibration_kl(reference, _log_probs(model, ids, mask)), layer))
+            drop = max(1, (len(kept) - keep) // 4)
+            dropped = {layer for _, layer in sorted(harm)[:drop]}
+            kept = [j for j in kept if j not in dropped]
+            kl = min(harm)[0] if drop == 1 else layers_kl(model, ids, mask, kept)
             if on_step is not None:
                 on_step(list(kept), kl)
         return kept, kl
