@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
 from lmdistill.data.records import Fields, field_map, source_digest, source_exists
-from lmdistill.errors import RecipeError, UserError
+from lmdistill.errors import RecipeError, UserError, say
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
@@ -160,7 +160,7 @@ class RunRecipe(_Strict):
                 )
             if self.generate.n > 1:
                 raise ValueError("generate.n: the tool loop makes one trace per prompt")
-            from lmdistill.skills.tools import tool_subset
+            from lmdistill.tasks.tools import tool_subset
 
             try:
                 tool_subset(self.generate.tools)  # unknown tool names fail at load
@@ -320,7 +320,7 @@ class Stage:
 
 def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
     """The recipe's stages, in order."""
-    from lmdistill.pipelines.generate import side_path
+    from lmdistill.store.settings import side_path
 
     paths = Paths(Path(recipe.run_dir))
     stages: list[Stage] = []
@@ -474,7 +474,8 @@ def _load_teacher(recipe: RunRecipe, **extra: Any):
 
 
 def run_generate(recipe: RunRecipe, paths: Paths) -> str:
-    from lmdistill.pipelines.generate import read_prompts, side_path
+    from lmdistill.pipelines.generate import read_prompts
+    from lmdistill.store.settings import side_path
     from lmdistill.teachers import SamplingParams
 
     g = recipe.generate
@@ -486,8 +487,8 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
     try:
         if g.tools is not None:  # [] = all the tools
             from lmdistill.skills.tool_use import GENERATION_FAILED, generate_tool_traces
-            from lmdistill.skills.tools import tool_subset
             from lmdistill.tasks.registry import get_task
+            from lmdistill.tasks.tools import tool_subset
 
             p = recipe.prompts
             assert p is not None and p.task is not None
@@ -515,6 +516,7 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
             summary = generate(
                 teacher, read_prompts(paths.prompts), paths.responses, params, system=g.system
             )
+            summary.check_reachable(teacher.name)
             if summary.failed:
                 raise UserError(
                     f"generate: {sum(summary.failed.values())} prompts failed "
@@ -536,7 +538,7 @@ def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
     assert f is not None and recipe.generate is not None
     if recipe.generate.tools is not None:
         from lmdistill.skills.tool_use import filter_tool_traces
-        from lmdistill.skills.tools import tool_subset
+        from lmdistill.tasks.tools import tool_subset
 
         task = get_task(task_spec) if task_spec else None
         stats = filter_tool_traces(
@@ -623,7 +625,7 @@ def launch_training(config, launch: Launch, recipe_path: Path, *, resume: bool) 
 
     write_text_atomic(recipe_path, dump(config))
     command = launch_command(launch, recipe_path, resume=resume)
-    _say("  " + " ".join(command[2:]))
+    say("  " + " ".join(command[2:]))
     if subprocess.run(command).returncode != 0:
         raise UserError(f"train: `accelerate launch` failed (see above); recipe {recipe_path}")
 
@@ -794,7 +796,7 @@ def run_recipe(
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run (or, with dry_run, only plan) the recipe's stages; see the module docstring."""
-    log = log or _say
+    log = log or say
     if start is not None and start not in STAGES:
         raise UserError(f"--from: unknown stage '{start}'; stages: {', '.join(STAGES)}")
     stages = plan(recipe, source)
@@ -859,10 +861,6 @@ def summary_table(result: RunResult) -> str:
         time_text = f"{row.seconds:.1f}s" if row.status in ("ran", "resumed") else "-"
         lines.append(f"  {row.name:<13}{row.status:<36}{time_text:>8}")
     return "\n".join(lines)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def describe_plan(recipe: RunRecipe, result: RunResult) -> str:
