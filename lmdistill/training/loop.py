@@ -728,8 +728,11 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
+            except ImportError:  # tensorboard is optional; asked for, its absence is said once
+                say(
+                    "log.tensorboard: the tensorboard package is not installed, so no event files "
+                    "are written (pip install tensorboard, or set log.tensorboard: false)"
+                )
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
