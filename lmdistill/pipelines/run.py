@@ -43,6 +43,7 @@ from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
 from lmdistill.data.records import Fields, field_map, source_digest, source_exists
 from lmdistill.errors import RecipeError, UserError, say
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
+from lmdistill.store.settings import changed_settings
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
 STATE_FORMAT = "lmdistill.run/1"
@@ -716,7 +717,14 @@ class RunResult:
 def fingerprints(stages: list[Stage], *, missing_ok: bool = False) -> dict[str, str]:
     """Each stage's fingerprint: its settings, the user files it reads (by content) and the
     fingerprints of the stages it reads, so a change upstream changes everything downstream."""
-    out: dict[str, str] = {}
+    return {name: _digest(inputs) for name, inputs in stage_inputs(stages, missing_ok).items()}
+
+
+def stage_inputs(stages: list[Stage], missing_ok: bool = False) -> dict[str, dict[str, Any]]:
+    """What each stage's fingerprint hashes, as JSON values: saved with the stage's state, so a
+    re-run can say which of them changed (`changed_settings`)."""
+    out: dict[str, dict[str, Any]] = {}
+    prints: dict[str, str] = {}
     for stage in stages:
         files = {}
         for path in stage.files:
@@ -730,11 +738,27 @@ def fingerprints(stages: list[Stage], *, missing_ok: bool = False) -> dict[str, 
             "stage": stage.name,
             "settings": stage.settings,
             "files": files,
-            "reads": {name: out[name] for name in stage.reads if name in out},
+            "reads": {name: prints[name] for name in stage.reads if name in prints},
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        out[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out[stage.name] = json.loads(json.dumps(payload, sort_keys=True, default=str))
+        prints[stage.name] = _digest(out[stage.name])
     return out
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed_inputs(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """'max_tokens, prompts.jsonl' for what differs between two `stage_inputs` entries: settings
+    by key, files by name, an upstream stage by name; at most three, then '...'."""
+    names = []
+    for key in changed_settings(before, now):
+        kind, _, rest = key.partition(".")
+        names.append(Path(rest).name if kind == "files" else rest or kind)
+    names = list(dict.fromkeys(names))
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -774,7 +798,7 @@ def decide(
     return actions
 
 
-def _reason(action: str, stage: str, state: dict[str, Any], prints: dict[str, str]) -> str:
+def _reason(action: str, stage: str, state: dict[str, Any], inputs: dict[str, Any]) -> str:
     prev = state.get(stage)
     if action == "skip":
         return "skipped (unchanged)"
@@ -782,7 +806,9 @@ def _reason(action: str, stage: str, state: dict[str, Any], prints: dict[str, st
         return "resume (interrupted)"
     if prev is None:
         return "run (new)"
-    if prev.get("fingerprint") != prints[stage]:
+    if prev.get("fingerprint") != _digest(inputs[stage]):
+        if isinstance(prev.get("inputs"), dict):  # saved since issue 14
+            return f"run (changed: {_changed_inputs(prev['inputs'], inputs[stage])})"
         return "run (settings or inputs changed)"
     return "run (forced or upstream re-ran)"
 
@@ -804,13 +830,14 @@ def run_recipe(
         names = ", ".join(s.name for s in stages)
         raise UserError(f"--from: this recipe has no '{start}' stage; its stages: {names}")
     paths = Paths(Path(recipe.run_dir))
-    prints = fingerprints(stages, missing_ok=dry_run)
+    inputs = stage_inputs(stages, missing_ok=dry_run)
+    prints = {name: _digest(entry) for name, entry in inputs.items()}
     state = _read_state(paths.state)
     actions = decide(stages, prints, state, start)
     result = RunResult(paths.root)
     if dry_run:
         for stage in stages:
-            reason = _reason(actions[stage.name], stage.name, state, prints)
+            reason = _reason(actions[stage.name], stage.name, state, inputs)
             missing = [str(p) for p in stage.files if not source_exists(p)]
             note = f"; missing input {missing[0]}" if missing else ""
             result.stages.append(StageResult(stage.name, f"would {reason}{note}"))
@@ -826,7 +853,11 @@ def run_recipe(
             _remove(stage.outputs)
         if action == "resume" and state.get(stage.name, {}).get("status") == "done":
             log(f"[{stage.name}] its output is incomplete (a write was interrupted); finishing it")
-        state[stage.name] = {"fingerprint": prints[stage.name], "status": "running"}
+        state[stage.name] = {
+            "fingerprint": prints[stage.name],
+            "status": "running",
+            "inputs": inputs[stage.name],
+        }
         _write_state(paths.state, state)
         log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'} ...")
         began = time.perf_counter()
@@ -835,6 +866,7 @@ def run_recipe(
         state[stage.name] = {
             "fingerprint": prints[stage.name],
             "status": "done",
+            "inputs": inputs[stage.name],
             "seconds": round(seconds, 1),
             "summary": summary,
         }

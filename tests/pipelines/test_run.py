@@ -306,3 +306,12 @@ def test_a_teacher_server_that_is_not_there_is_named_as_unreachable(tmp_path, ti
     )
     with pytest.raises(UserError, match=f"cannot reach teacher .*127.0.0.1:{port}"):
         run_recipe(load_recipe(path), source=str(path), log=None)
+
+
+def test_a_changed_stage_says_what_changed(tmp_path, tiny_model_dir, capsys):
+    path = _recipe(tmp_path, tiny_model_dir)
+    run_recipe(load_recipe(path), source=str(path), log=None)
+    assert main(["run", str(path), "generate.max_tokens=5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would run (changed: max_tokens)" in out  # the generate stage
+    assert "would run (changed: generate)" in out  # train, which reads its output
