@@ -156,11 +156,11 @@ def main(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         top_logprobs=args.top_logprobs,
     )
-    teacher = load_teacher(spec, **options)
-    cache = None if args.no_cache else ResponseCache(args.cache or default_cache_path())
     prices = None
     if args.price_input is not None or args.price_output is not None:
         prices = Prices(args.price_input or 0.0, args.price_output or 0.0)
+    teacher = load_teacher(spec, **options)
+    cache = None if args.no_cache else ResponseCache(args.cache or default_cache_path())
     try:
         summary = generate(
             teacher,
