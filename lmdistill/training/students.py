@@ -477,12 +477,6 @@ def apply_lora(model, settings: LoraSettings):
     return get_peft_model(model, config)
 
 
-def base_model(model):
-    """The HF model under a PEFT wrapper (LoRA layers stay injected in it), or `model` itself."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 def save_student(
     model, tokenizer, out_dir: str | Path, *, state_dict: dict[str, Tensor] | None = None
 ) -> Path:

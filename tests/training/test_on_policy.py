@@ -178,7 +178,7 @@ def reverse_kl_trainer(tmp_path, name, student, teacher_dir, data, lr=1e-2):
 def reverse_kl_on(trainer: Trainer, batches) -> float:
     """Mean per-token KL(student || teacher) over the batches' loss positions (float64, from
     materialized logits: an independent path from the fused loss the trainer uses)."""
-    from lmdistill.training.signals import forward_signals
+    from lmdistill.teachers.forward import forward_signals
 
     student = trainer.accelerator.unwrap_model(trainer.module).student
     total, count = 0.0, 0
