@@ -35,7 +35,7 @@ resumable and can be grown with more seeds). The table reports each method minus
 the seeds with a two-way paired bootstrap (seeds and examples resampled;
 `eval.stats.pooled_paired_difference_interval`), "better"/"worse" only when the interval
 excludes 0. The last line is JSON with best_method, best_vs_sft_rouge_l (+ _low), best_vs_sft_top1,
-opd_vs_sft_rouge_l, best_task_retention, seeds, minutes.
+opd_vs_sft_rouge_l, skd_vs_sft_rouge_l, best_task_retention, seeds, minutes.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ import numpy as np
 from lmdistill.data.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from lmdistill.eval.stats import pooled_paired_difference_interval
 from lmdistill.pipelines.quickstart import ASSETS, MAX_LENGTH, PROMPTS
+from lmdistill.store.atomic import read_jsonl_tolerant
 
 EXTRA_PROMPTS = ASSETS / "prompts_extra_test.jsonl"
 TEACHER = "smollm2-135m-instruct"
@@ -305,7 +306,7 @@ def train_run(raw: dict[str, Any], name: str) -> tuple[Path, float, int]:
     if not timing.exists():
         start = time.perf_counter()
         train_unless_done(validate(raw, name))
-        steps = sum(1 for _, r in iter_jsonl(run_dir / "metrics.jsonl") if "loss" in r)
+        steps = sum(1 for _, r in read_jsonl_tolerant(run_dir / "metrics.jsonl") if "loss" in r)
         write_json_atomic(timing, {"seconds": time.perf_counter() - start, "steps": steps})
     t = json.loads(timing.read_text())
     return run_dir / "final", t["seconds"], t["steps"]
@@ -505,13 +506,18 @@ def headline(summary: dict[str, Any], seeds: tuple[int, ...]) -> dict[str, Any]:
     rows = [r for r in summary["rows"] if "vs_sft" in r]
     by = {r["method"]: r for r in summary["rows"]}
     best = max(rows, key=lambda r: r["vs_sft"]["rouge_l"]["low"], default=None)
-    opd = by.get("opd", {}).get("vs_sft", {}).get("rouge_l", {}).get("value")
+
+    def rouge_vs_sft(method: str) -> float | None:
+        value = by.get(method, {}).get("vs_sft", {}).get("rouge_l", {}).get("value")
+        return round(value, 4) if value is not None else None
+
     return {
         "best_method": best["method"] if best else None,
         "best_vs_sft_rouge_l": round(best["vs_sft"]["rouge_l"]["value"], 4) if best else None,
         "best_vs_sft_rouge_l_low": round(best["vs_sft"]["rouge_l"]["low"], 4) if best else None,
         "best_vs_sft_top1": round(best["vs_sft"]["top1"]["value"], 4) if best else None,
-        "opd_vs_sft_rouge_l": round(opd, 4) if opd is not None else None,
+        "opd_vs_sft_rouge_l": rouge_vs_sft("opd"),
+        "skd_vs_sft_rouge_l": rouge_vs_sft("skd"),
         "best_task_retention": round(max(r["task_retention"] for r in summary["rows"]), 3),
         "seeds": len(seeds),
         "minutes": round(summary["minutes"], 1),

@@ -73,6 +73,7 @@ def test_the_table_calls_a_consistent_gain_better_a_loss_worse_and_noise_a_tie()
         "best_vs_sft_rouge_l_low",
         "best_vs_sft_top1",
         "opd_vs_sft_rouge_l",
+        "skd_vs_sft_rouge_l",
         "best_task_retention",
         "seeds",
         "minutes",
