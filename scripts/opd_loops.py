@@ -38,7 +38,6 @@ def held_out_records(out: Path) -> dict[str, list[dict]]:
         for part in ("/runs/", "/students/"):
             model = model.split(part, 1)[-1]
         found[model] = cached["records"]
-        continue
     return found
 
 
