@@ -173,7 +173,7 @@ def test_other_settings_on_the_same_output_are_refused(tmp_path: Path) -> None:
 def test_a_teacher_that_cannot_continue_text_is_refused_naming_why(tmp_path: Path) -> None:
     teacher = ScriptedTeacher([])
     teacher.capabilities = Capability.TEXT  # what a chat API gives
-    with pytest.raises(UserError, match="cannot give continuation .*closes the user turn"):
+    with pytest.raises(UserError, match=r"cannot give continuation .*closes the user turn"):
         synthesize(teacher, SynthesisSettings(n=1), tmp_path / "p.jsonl")
 
 
