@@ -44,7 +44,23 @@ def test_distinct_n_matches_a_hand_count() -> None:
 
 def test_the_index_finds_the_same_nearest_prompt_as_comparing_every_pair() -> None:
     rng = random.Random(0)
-    vocab = ["tips", "for", "how", "do", "i", "write", "a", "poem", "note", "about", "the", "sea", "cat", "garden", "bread"]
+    vocab = [
+        "tips",
+        "for",
+        "how",
+        "do",
+        "i",
+        "write",
+        "a",
+        "poem",
+        "note",
+        "about",
+        "the",
+        "sea",
+        "cat",
+        "garden",
+        "bread",
+    ]
     texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(2, 9))) for _ in range(80)]
     index = NgramIndex()
     for i, text in enumerate(texts):

@@ -55,7 +55,18 @@ class ScriptedTeacher(Teacher):
             yield GenerationResult(i, [Generation(reply, finish, 1, 1, 0.0)])
 
 
-_THINGS = ["tomatoes", "basil", "roses", "tulips", "mint", "lettuce", "carrots", "onions", "garlic", "peppers"]
+_THINGS = [
+    "tomatoes",
+    "basil",
+    "roses",
+    "tulips",
+    "mint",
+    "lettuce",
+    "carrots",
+    "onions",
+    "garlic",
+    "peppers",
+]
 
 
 def _script(n: int) -> list[tuple[str, str]]:
