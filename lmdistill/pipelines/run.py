@@ -535,7 +535,7 @@ def make_prompts(p: PromptsStage, out: Path, synthesized: Path | None = None) ->
             for record in records:
                 record["messages"] = apply_template(record["messages"], p.template)
     added = 0
-    if synthesized is not None:
+    if synthesized is not None and synthesized.stat().st_size > 0:  # empty: none passed
         from lmdistill.pipelines.generate import read_prompts
 
         taken = {r["id"] for r in records}
@@ -543,6 +543,8 @@ def make_prompts(p: PromptsStage, out: Path, synthesized: Path | None = None) ->
             if q.id not in taken:
                 records.append({"id": q.id, "messages": q.messages, **q.fields})
                 added += 1
+    if not records:
+        raise UserError(f"{synthesized}: the synthesize stage kept no prompts; see its .stats.json")
     write_jsonl_atomic(out, records)
     return f"{len(records)} prompts" + (f" ({added} synthesized)" if synthesized else "")
 
