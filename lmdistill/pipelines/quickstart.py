@@ -110,7 +110,7 @@ def _mark(path: Path) -> None:
 
 def teacher_responses(s: QuickstartSettings, out: Path) -> None:
     """Greedy teacher answers to every bundled prompt; the `split` field is carried through."""
-    from lmdistill.pipelines.generate import generate, read_prompts
+    from lmdistill.pipelines.generate import generate
     from lmdistill.teachers import SamplingParams
     from lmdistill.teachers.registry import load_teacher
 
