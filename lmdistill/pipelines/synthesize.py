@@ -45,6 +45,7 @@ from typing import Any
 from lmdistill.data.diversity import NEAR_DUPLICATE, Diversity, NgramIndex, diversity, words
 from lmdistill.data.jsonl import JsonlAppender, read_appended, write_json_atomic, write_jsonl_atomic
 from lmdistill.errors import UserError, did_you_mean
+from lmdistill.pipelines.generate import check_settings, content_id, side_path, write_settings
 from lmdistill.teachers.base import Capability, SamplingParams, Teacher
 
 META_FORMAT = "lmdistill.synthesize/1"
@@ -284,7 +285,7 @@ class SynthesisSettings:
 
     def __post_init__(self) -> None:
         if self.n < 1:
-            raise UserError(f"--n must be >= 1, got {self.n}")
+            raise UserError(f"n must be >= 1, got {self.n}")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
             raise UserError(
@@ -334,10 +335,6 @@ class SynthesisSummary:
         if self.diversity is not None:
             lines.append(f"diversity: {self.diversity.line()}")
         return "\n".join(lines)
-
-
-def side_path(out_path: Path, suffix: str) -> Path:
-    return out_path.with_name(out_path.name + suffix)
 
 
 def prompt_texts(source: str | Path, split: str | None = None) -> list[str]:
@@ -456,8 +453,6 @@ def synthesize(
 ) -> SynthesisSummary:
     """Draw samples round by round until `s.n` prompts pass the filters or `s.sample_budget`
     samples are drawn, then write OUT (the first `s.n` kept, in sample order) and its stats."""
-    from lmdistill.pipelines.generate import check_settings, write_settings
-
     teacher.require(Capability.CONTINUATION, PURPOSE)
     out = Path(out)
     raw_path = side_path(out, ".raw.jsonl")
@@ -547,8 +542,6 @@ def _steer(i: int, steers: list[tuple[str, str]], s: SynthesisSettings) -> dict[
 
 
 def _output_record(raw: dict[str, Any], s: SynthesisSettings) -> dict[str, Any]:
-    from lmdistill.pipelines.generate import content_id
-
     prompt = raw_prompt(raw)
     record = {
         "id": content_id([{"role": "user", "content": prompt}]),

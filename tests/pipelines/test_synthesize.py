@@ -192,7 +192,7 @@ def test_a_teacher_that_cannot_continue_text_is_refused_naming_why(tmp_path: Pat
     "args, message",
     [
         (["--kinds", "tips,poems"], "unknown task kind 'poems' (did you mean poem?)"),
-        (["--n", "0"], "--n must be >= 1"),
+        (["--n", "0"], "n must be >= 1"),
         (["--teacher", "http://127.0.0.1:9/v1"], "cannot continue raw text"),
     ],
 )
