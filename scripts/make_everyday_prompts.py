@@ -33,8 +33,20 @@ KINDS = "tips,howto,rewrite,poem,comparison,note,explanation,open"
 # every sample that passes; the quickstart takes the first 48 of each.
 TRAIN_N, TEST_N, SAMPLES = 48, 64, 64
 
-# Read by hand (2026-12-03): samples that are not a request a user would make.
-HAND_DROPPED: dict[str, str] = {}
+# Read by hand (2026-12-03), all 49 held-out prompts: the ones that are not a request a user
+# would make. (The training set is not pruned by hand: the filters alone, as a user would run it.)
+HAND_DROPPED: dict[str, str] = {
+    "h45c7087727932e75": "makes no sense (reduce stress talking perfectly without talking)",
+    "heec2c1992852380f": "makes no sense (the average drop off in snail score)",
+    "hd120a7d54684fa89": "garbled sentence to rewrite",
+    "h0ded08f63f7c583e": "made-up words (a travillaging village)",
+    "h9f3aea17029ff351": "refers to context it does not give (this 5 completed courses)",
+    "h3533b01a0b2380a0": "a made-up name as the whole request (SynqbBars)",
+    "h851291e968163b65": "made-up foreign word to rewrite",
+    "h9b69352ec0727dda": "made-up word (inauspoverusel)",
+    "h2f3574c9395739b7": "makes no sense (4h (Glass) or 6c (Potable) Shelf)",
+    "hd0010b61b8a8e4c1": "garbled (their joi importe concerns)",
+}
 
 
 def synthesize(name: str, n: int, seed: int, split: str, avoid: list[Path]) -> Path:
@@ -75,6 +87,7 @@ def synthesize(name: str, n: int, seed: int, split: str, avoid: list[Path]) -> P
 def publish(work_file: Path, asset: Path) -> int:
     records = [json.loads(line) for line in work_file.read_text().splitlines()]
     kept = [r for r in records if r["id"] not in HAND_DROPPED]
+    assert asset.name != "everyday_train.jsonl" or len(kept) == len(records)
     asset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     print(
         f"{asset.relative_to(ROOT)}: {len(kept)} prompts ({len(records) - len(kept)} dropped by hand)"
