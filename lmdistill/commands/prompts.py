@@ -18,10 +18,6 @@ command again to continue after an interruption. Needs a teacher that continues 
 local model); a chat API cannot write the user's side of a turn."""
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prompts", help="synthesize prompts with the teacher; measure them")
     sub = p.add_subparsers(dest="prompts_command", metavar="ACTION", required=True)
@@ -37,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, required=True, metavar="OUT.jsonl")
     s.add_argument(
         "--kinds",
-        type=_csv,
+        type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
         default=(),
         metavar="K,...",
         help="task kinds (first words of the request): open, tips, howto, rewrite, poem, "
@@ -51,7 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="more first words of a request, e.g. 'Suggest a name for' (repeatable)",
     )
     s.add_argument(
-        "--topics", type=_csv, default=(), metavar="T,...", help="topics (as a system turn)"
+        "--topics",
+        type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+        default=(),
+        metavar="T,...",
+        help="topics (as a system turn)",
     )
     s.add_argument("--system", default=None, metavar="TEXT", help="a system turn for every sample")
     s.add_argument(
@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     s.add_argument("--overwrite", action="store_true", help="start over instead of continuing")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=run_synthesize)
+    s.set_defaults(func=run)
 
     d = sub.add_parser(
         "diversity",
@@ -85,15 +85,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("source", metavar="SOURCE", help="prompts: JSONL/Parquet/CSV, dir or hf:NAME")
     d.add_argument("--split", default=None, help="only records with this 'split'")
-    d.set_defaults(func=run_diversity)
+    d.set_defaults(func=run)
 
 
-def run_synthesize(args: argparse.Namespace) -> int:
-    from lmdistill.errors import UserError
-    from lmdistill.pipelines.synthesize import PURPOSE, SynthesisSettings, synthesize
-    from lmdistill.teachers.base import Capability
-    from lmdistill.teachers.registry import check_teacher, load_teacher
+def run(args: argparse.Namespace) -> int:
+    from lmdistill.data.diversity import diversity
+    from lmdistill.pipelines.synthesize import SynthesisSettings, prompt_texts, synthesize_with
 
+    if args.prompts_command == "diversity":
+        print(diversity(prompt_texts(args.source, split=args.split)).line())
+        return 0
     settings = SynthesisSettings(
         n=args.n,
         kinds=args.kinds,
@@ -109,28 +110,14 @@ def run_synthesize(args: argparse.Namespace) -> int:
         seed=args.seed,
         split=args.split,
     )
-    # Asked before loading: an API teacher would otherwise fail on --batch-size, a local option.
-    if Capability.CONTINUATION not in check_teacher(args.teacher):
-        raise UserError(f"teacher '{args.teacher}' cannot continue raw text (needed for {PURPOSE})")
-    teacher = load_teacher(args.teacher, batch_size=args.batch_size)
-    try:
-        summary = synthesize(
-            teacher,
-            settings,
-            args.out,
-            avoid=args.avoid,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    finally:
-        teacher.close()
+    summary = synthesize_with(
+        args.teacher,
+        settings,
+        args.out,
+        avoid=args.avoid,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+    )
     print(summary.report())
-    return 0
-
-
-def run_diversity(args: argparse.Namespace) -> int:
-    from lmdistill.data.diversity import diversity
-    from lmdistill.pipelines.synthesize import prompt_texts
-
-    print(diversity(prompt_texts(args.source, split=args.split)).line())
     return 0

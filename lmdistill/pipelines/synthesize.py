@@ -553,3 +553,27 @@ def _output_record(raw: dict[str, Any], s: SynthesisSettings) -> dict[str, Any]:
     if s.split is not None:
         record["split"] = s.split
     return record
+
+
+def synthesize_with(
+    teacher_spec: str,
+    s: SynthesisSettings,
+    out: str | Path,
+    *,
+    avoid: Sequence[str | Path] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> SynthesisSummary:
+    """`synthesize` with the teacher a spec names, loaded and closed here (the command's call).
+    Whether it can continue text is asked before loading: an API teacher would otherwise fail on
+    `batch_size`, a local model's option, instead of on what it cannot do."""
+    from lmdistill.teachers.registry import check_teacher, load_teacher
+
+    if Capability.CONTINUATION not in check_teacher(teacher_spec):
+        raise UserError(f"teacher '{teacher_spec}' cannot continue raw text (needed for {PURPOSE})")
+    teacher = load_teacher(teacher_spec, batch_size=batch_size)
+    try:
+        return synthesize(teacher, s, out, avoid=avoid, overwrite=overwrite, progress=progress)
+    finally:
+        teacher.close()
