@@ -57,6 +57,7 @@ from lmdistill.pipelines.quickstart import ASSETS, MAX_LENGTH, PROMPTS
 from lmdistill.store.atomic import read_jsonl_tolerant
 
 EXTRA_PROMPTS = ASSETS / "prompts_extra_test.jsonl"
+EVERYDAY_TEST = ASSETS / "everyday_test.jsonl"
 TEACHER = "smollm2-135m-instruct"
 ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd", "skd")
 TASK = "arithmetic_1digit"
@@ -78,6 +79,7 @@ class Bench:
     opd_lr: float = 1e-4
     task_limit: int = 80
     progress: bool = False
+    everyday: bool = False  # also score EVERYDAY_TEST (issue #21; see everyday_scores)
     student: str = "spread"  # how the student's layers are chosen: spread | importance
     heal_steps: int = 0  # logit-KD steps on the teacher's text before any method (0: none)
     calibration: int = 8  # teacher conversations the importance ranking reads (64 tokens each)
@@ -364,6 +366,62 @@ def method_result(b: Bench, method: str, seed: int, paths, student, sft_steps) -
     return result
 
 
+# ------------------------------------------ issue #21: the everyday held-out set, beside the rest
+def everyday_scores(b: Bench, model: str) -> dict[str, Any]:
+    """Per-example records of `model` on the everyday held-out requests (the teacher's greedy
+    answers made by evaluate(), cached under out/eval-cache), shaped like `scores`' records."""
+    from lmdistill.eval.base import EvalSettings
+    from lmdistill.eval.runner import evaluate
+
+    rel = evaluate(
+        model,
+        [f"rel-jsonl:{EVERYDAY_TEST}"],
+        teacher=TEACHER,
+        settings=EvalSettings(max_tokens=b.max_tokens, batch_size=16),
+        cache_dir=b.out / "eval-cache",
+        measure_cost=False,
+        log=None,
+    )
+    records = sorted(rel.tasks[0].results["student"].records, key=lambda r: str(r["id"]))
+    out: dict[str, Any] = {"ids": [str(r["id"]) for r in records]}
+    for field in ("rouge_l", "agree", "kl", "tokens"):
+        out[field] = [float(r[field]) for r in records]
+    return out
+
+
+def with_everyday(b: Bench, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with its `everyday` scores, computed once and saved beside the others."""
+    if not b.everyday or "everyday" in result:
+        return result
+    method, seed = result["method"], result["seed"]
+    final = b.runs_dir() / method / f"seed{seed}" / "final"
+    result = {**result, "everyday": everyday_scores(b, str(final))}
+    write_json_atomic(b.results_dir() / f"{method}-seed{seed}.json", result)
+    return result
+
+
+def everyday_rows(results: dict[str, dict[int, dict]]) -> str:
+    """ROUGE-L on the everyday held-out set per method, and minus SFT pooled over the seeds."""
+    sft = results.get("sft", {})
+    lines = ["| method | everyday ROUGE-L | everyday ROUGE-L − SFT |", "|---|---|---|"]
+    for method, by_seed in results.items():
+        runs = [r["everyday"] for r in by_seed.values() if "everyday" in r]
+        if not runs:
+            continue
+        mean = float(np.mean([np.mean(r["rouge_l"]) for r in runs]))
+        seeds = [s for s in by_seed if s in sft and "everyday" in sft[s]]
+        diff = "–"
+        if method != "sft" and seeds:
+            d = vs_sft(
+                [by_seed[s]["everyday"] for s in seeds],
+                [sft[s]["everyday"] for s in seeds],
+                "rouge_l",
+            )
+            diff = f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] {d.verdict}"
+        lines.append(f"| {method} | {mean:.3f} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------- summary
 @dataclass(frozen=True)
 class Diff:
@@ -537,13 +595,15 @@ def run(b: Bench, *, before: Callable[[str, int], None] | None = None) -> dict[s
     for method in order:
         for seed in b.seeds:
             sft_steps = results["sft"][seed]["steps"] if method != "sft" else 0
-            results.setdefault(method, {})[seed] = method_result(
-                b, method, seed, paths, student, sft_steps
+            results.setdefault(method, {})[seed] = with_everyday(
+                b, method_result(b, method, seed, paths, student, sft_steps)
             )
     summary = summarize(b, results, (time.perf_counter() - started) / 60)
     summary["start"] = start_summary(start)
+    if b.everyday:
+        summary["everyday_md"] = everyday_rows(results)
     suffix = f"-{b.tag}" if b.tag else ""
-    (b.out / f"methods{suffix}.md").write_text(markdown(summary))
+    (b.out / f"methods{suffix}.md").write_text(markdown(summary) + summary.get("everyday_md", ""))
     write_json_atomic(b.out / f"methods{suffix}.json", summary)
     return summary
 
@@ -569,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
         "--heal-steps", type=int, default=0, help="logit-KD steps on the teacher's text first"
     )
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument(
+        "--everyday",
+        action="store_true",
+        help="also score lmdistill/assets/everyday_test.jsonl (everyday requests, issue #21)",
+    )
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
     unknown = sorted(set(methods) - set(ALL_METHODS))
@@ -582,11 +647,12 @@ def main(argv: list[str] | None = None) -> int:
         layers=a.layers,
         opd_steps=a.opd_steps,
         progress=a.progress,
+        everyday=a.everyday,
         student=a.student,
         heal_steps=a.heal_steps,
     )
     summary = run(b)
-    print(markdown(summary))
+    print(markdown(summary) + summary.get("everyday_md", ""))
     print(json.dumps(headline(summary, b.seeds)))
     return 0
 

@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lmdistill.commands.quickstart",
     "lmdistill.commands.run",
     "lmdistill.commands.generate",
+    "lmdistill.commands.prompts",
     "lmdistill.commands.serve",
     "lmdistill.commands.cache_logits",
     "lmdistill.commands.train",

@@ -105,3 +105,27 @@ def test_a_student_construction_other_than_the_default_gets_its_own_results_and_
     s = methods.start_summary(start)
     assert s["top1"] == pytest.approx(0.5) and s["kl"] == pytest.approx(1.5)
     assert "starts at held-out KL 1.50" in methods.markdown({"rows": [], "start": s})
+
+
+def test_the_everyday_rows_pool_the_everyday_scores_over_seeds():
+    """--everyday (issue #21): each method's everyday held-out ROUGE-L and its difference from
+    SFT come from the runs' `everyday` records, through the same pooled interval."""
+    rng = np.random.default_rng(1)
+    results: dict[str, dict[int, dict]] = {"sft": {}, "down": {}}
+    for seed in (0, 1):
+        rouge, agree = rng.random(100), rng.integers(0, 10, 100).astype(float)
+        for method, shift in (("sft", 0.0), ("down", -0.2)):
+            run = fake_run(method, seed, rng.random(50), rng.random(50))
+            run["everyday"] = fake_run(method, seed, rouge + shift, agree)
+            results[method][seed] = run
+    table = methods.everyday_rows(results)
+    expected = methods.vs_sft(
+        [results["down"][s]["everyday"] for s in (0, 1)],
+        [results["sft"][s]["everyday"] for s in (0, 1)],
+        "rouge_l",
+    )
+    assert expected.verdict == "worse" and expected.value == pytest.approx(-0.2)
+    mean = np.mean([np.mean(results["down"][s]["everyday"]["rouge_l"]) for s in (0, 1)])
+    assert f"| down | {mean:.3f} |" in table
+    assert f"{expected.value:+.3f} [{expected.low:+.3f}, {expected.high:+.3f}] worse" in table
+    assert "| sft |" in table and table.count("\n") == 4

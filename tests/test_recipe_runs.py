@@ -407,3 +407,24 @@ def test_cross_tokenizer(run, tmp_path):
     assert "ce" in summary["eval"]  # held-out CE only: no shared vocabulary for KL
     assert all("loss/uld" in r for r in _losses_in(ran.run_dir))
     assert (ran.run_dir / "final" / "config.json").is_file()
+
+
+def test_quickstart_large(run):
+    """Shrunk: 4 synthesized samples; scored on both held-out sets."""
+    ran = run(
+        "quickstart_large",
+        "synthesize.n=2",
+        "synthesize.max_samples=4",
+        *FEW_PROMPTS,
+        *NARROW_STUDENT,
+        *SHORT_TRAINING,
+        *SHORT_EVAL,
+    )
+    assert_ran(
+        ran, ["synthesize", "prompts", "generate", "cache_logits", "train", "eval", "report"]
+    )
+    stats = ran.json("synthesized.jsonl.stats.json")
+    assert stats["samples"] == 4 == sum(stats["dropped"].values()) + stats["passed"]
+    tasks = ran.json("report/report.json")["tasks"]
+    everyday = next(name for name in tasks if name.endswith("everyday_test.jsonl"))
+    scored(tasks[everyday], ["teacher", "student"], 4)

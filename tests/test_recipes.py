@@ -79,4 +79,4 @@ def test_run_recipes_train_with_the_methods_they_name(monkeypatch):
                 cached.append(path.stem)
     assert kinds["sft"] == ("sft",) and kinds["logit_kd"] == ("logits",)
     assert kinds["hidden_kd"] == ("logits", "hidden")
-    assert cached == ["cached_logit_kd"]
+    assert cached == ["cached_logit_kd", "quickstart_large"]

@@ -3,7 +3,8 @@
 `write_report(results, out_dir)` writes
   report.json   for machines: {"tasks": {NAME: {"teacher", "student", "baseline", "retention",
                 "n", intervals, every metric}}, "comparisons": [the student minus each other
-                model, with paired intervals and a verdict], "cost": {...}, "models", "settings"}
+                model, with paired intervals and a verdict], "cost": {...}, "models", "settings",
+                "training_prompts": the diversity of the prompts the student trained on}
   report.md     the tables, with the plots as PNG files beside it (plots/)
   report.html   one self-contained page: the same tables, the plots embedded as base64 PNGs
   samples/      per model role and task, one JSONL line per example (responses, scores)
@@ -20,7 +21,7 @@ import html
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,69 @@ def report_json(results: EvalResults) -> dict[str, Any]:
         "comparisons": [c.to_json() for c in compare(results, confidence=_confidence(results))],
         "cost": results.cost,
         "run_dir": results.run_dir,
+        "training_prompts": training_prompts_json(results),
     }
+
+
+# ----------------------------------------------------------------- training prompt diversity
+def training_prompts(results: EvalResults) -> list[str] | None:
+    """The user turns the student trained on, when the results name a training run whose saved
+    config points at a readable data file (its `data.split` applied); else None."""
+    if not results.run_dir:
+        return None
+    import yaml
+
+    from lmdistill.data.records import iter_records
+
+    try:
+        config = yaml.safe_load((Path(results.run_dir) / "config.yaml").read_text())
+        data = config["data"]
+        split = data.get("split")
+        texts = []
+        for _, record in iter_records(data["path"]):
+            if split is not None and record.get("split") != split:
+                continue
+            messages = record.get("messages")
+            if isinstance(messages, list):
+                texts += [m["content"] for m in messages if m.get("role") == "user"]
+            elif isinstance(record.get("prompt"), str):
+                texts.append(record["prompt"])
+    except Exception:  # a moved or rewritten run dir: the report is written without it
+        return None
+    # One record per (prompt, sample): a prompt sampled n times is one prompt, not n.
+    return list(dict.fromkeys(texts)) or None
+
+
+def training_prompts_json(results: EvalResults) -> dict[str, Any] | None:
+    from lmdistill.data.diversity import diversity
+
+    texts = training_prompts(results)
+    return asdict(diversity(texts)) if texts else None
+
+
+def diversity_table(results: EvalResults) -> Table | None:
+    d = training_prompts_json(results)
+    if d is None:
+        return None
+    rows = [
+        [
+            str(d["prompts"]),
+            f"{d['distinct_1']:.3f}",
+            f"{d['distinct_2']:.3f}",
+            f"{d['distinct_3']:.3f}",
+            f"{d['near_duplicate_share']:.1%}",
+        ]
+    ]
+    return Table(
+        "Training prompts",
+        ["prompts", "distinct-1", "distinct-2", "distinct-3", "near-duplicates"],
+        rows,
+        note=(
+            "How varied the prompts the student trained on are: distinct word n-grams over all "
+            "n-grams, and the share of prompts whose word 3-gram Jaccard with an earlier one is "
+            f"at least {d['threshold']} (a set of templates scores low on both counts)."
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------- tables
@@ -312,6 +375,9 @@ def all_tables(results: EvalResults) -> list[Table]:
     cost = cost_table(results)
     if cost is not None:
         tables.append(cost)
+    diverse = diversity_table(results)
+    if diverse is not None:
+        tables.append(diverse)
     tables.append(details_table(results))
     return tables
 

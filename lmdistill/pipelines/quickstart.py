@@ -3,7 +3,9 @@ of its non-embedding parameters, 2.5x fewer in all), offline, on CPU, and report
 kept.
 
 Stages (each resumable: rerunning skips finished work):
-  1. responses   the teacher answers the bundled prompts (greedy), train and held-out splits
+  1. responses   the teacher answers the bundled prompts (greedy), train and held-out splits,
+                 and everyday requests it synthesized itself (`lmdistill prompts synthesize`):
+                 some to train on, and a held-out set kept apart from everything trained on
   2. student     a student built from 7 of the teacher's 30 layers (same tokenizer, DistilBERT /
                  Minitron-style initialisation)
   3. cache       the teacher's top-32 log-probs for every response token (offline cache)
@@ -11,8 +13,9 @@ Stages (each resumable: rerunning skips finished work):
   5. kd          response + logit distillation: the same data, plus forward KL to the teacher's
                  top-32 next-token distribution from the cache (the fused sparse loss; no teacher
                  is loaded while training)
-  6. eval        teacher, KD student, SFT-only student and the untrained student on held-out
-                 prompts: teacher-relative agreement/KL, ROUGE-L against the teacher's answers, and
+  6. eval        teacher, KD student, SFT-only student and the untrained student on both
+                 held-out sets (the templated one and the everyday one), side by side:
+                 teacher-relative agreement/KL, ROUGE-L against the teacher's answers, and
                  a verifiable arithmetic task; cost (size, speed, memory)
   7. report      report.md / report.html / report.json
 """
@@ -33,6 +36,10 @@ from lmdistill.store.settings import changed_settings
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MAX_LENGTH = 384  # tokens per training example (prompt + response)
 PROMPTS = ASSETS / "prompts.jsonl"
+# Everyday requests the bundled teacher synthesized (scripts/make_everyday_prompts.py).
+EVERYDAY_TRAIN = ASSETS / "everyday_train.jsonl"
+EVERYDAY_TEST = ASSETS / "everyday_test.jsonl"
+EVERYDAY = "everyday"  # the `set` field that marks them in the responses file
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,14 @@ class QuickstartSettings:
     eval_tasks: tuple[str, ...] = ("arithmetic_1digit",)
     eval_limit: int = 80  # examples per task (the held-out prompts number 88)
     prompts: Path = PROMPTS  # JSONL with "prompt" and "split" ("train" / "test")
+    # The first N of each everyday file (48 and 39 ship). 32 of each is what the 15-minute budget
+    # on 2 cores can take, estimated, not yet measured: each adds ~1.5 s of teacher time, the
+    # training ones (long answers) ~0.6% each to every training stage, the held-out ones ~3 s
+    # each to the evaluation of four models. recipes/quickstart_large.yaml synthesizes 600.
+    everyday_train: Path = EVERYDAY_TRAIN
+    everyday_train_limit: int = 32
+    everyday_test: Path = EVERYDAY_TEST
+    everyday_test_limit: int = 32
     measure_cost: bool = True
     progress: bool = True
     seed: int = 0  # training seed of both students (the README's seed table reruns 0, 1, 2)
@@ -93,7 +108,7 @@ def _mark(path: Path) -> None:
 
 def teacher_responses(s: QuickstartSettings, out: Path) -> None:
     """Greedy teacher answers to every bundled prompt; the `split` field is carried through."""
-    from lmdistill.pipelines.generate import generate, read_prompts
+    from lmdistill.pipelines.generate import generate
     from lmdistill.teachers import SamplingParams
     from lmdistill.teachers.registry import load_teacher
 
@@ -101,7 +116,7 @@ def teacher_responses(s: QuickstartSettings, out: Path) -> None:
     try:
         summary = generate(
             teacher,
-            read_prompts(s.prompts),
+            quickstart_prompts(s),
             out,
             SamplingParams(temperature=0.0, max_tokens=s.max_tokens),
             cache=None,
@@ -113,12 +128,38 @@ def teacher_responses(s: QuickstartSettings, out: Path) -> None:
         raise RuntimeError(f"{summary.failed} prompts failed; rerun to retry them")
 
 
-def held_out_file(responses: Path, out: Path) -> None:
+def quickstart_prompts(s: QuickstartSettings) -> list:
+    """The bundled prompts, then the first `everyday_train_limit` everyday training requests and
+    the first `everyday_test_limit` everyday held-out ones, marked `set: everyday`."""
+    import dataclasses
+
+    from lmdistill.pipelines.generate import read_prompts
+
+    prompts = read_prompts(s.prompts)
+    for path, limit in (
+        (s.everyday_train, s.everyday_train_limit),
+        (s.everyday_test, s.everyday_test_limit),
+    ):
+        if limit > 0:
+            prompts += [
+                dataclasses.replace(p, fields={**p.fields, "set": EVERYDAY})
+                for p in read_prompts(path)[:limit]
+            ]
+    return prompts
+
+
+def held_out_file(responses: Path, out: Path, which: str | None = None) -> None:
     """The responses to prompts marked split 'test' (never trained on): the reference of the
-    teacher-relative metrics. Written atomically."""
+    teacher-relative metrics. `which`: only those of that `set` ("everyday"), or ("bundled")
+    those of none. Written atomically."""
     from lmdistill.data.jsonl import iter_jsonl, write_jsonl_atomic
 
-    write_jsonl_atomic(out, (r for _, r in iter_jsonl(responses) if r.get("split") == "test"))
+    def keep(r: dict[str, Any]) -> bool:
+        if r.get("split") != "test":
+            return False
+        return which is None or r.get("set", "bundled") == which
+
+    write_jsonl_atomic(out, (r for _, r in iter_jsonl(responses) if keep(r)))
 
 
 def train_config(s: QuickstartSettings, run_dir: Path, student: Path, data: Path, kind: str):
@@ -183,7 +224,9 @@ def verdicts(results) -> str:
     from lmdistill.eval.compare import compare
 
     def short(task: str) -> str:
-        return "held-out" if task.startswith("rel-jsonl:") else task
+        if task.startswith("rel-jsonl:"):
+            return "everyday held-out" if EVERYDAY in Path(task).name else "held-out"
+        return task
 
     return "\n".join(
         f"  vs {c.other:<10} {short(c.task):<18} {c.metric:<15} {c.difference.value:+.3f} "
@@ -248,12 +291,15 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
     log = StageLog()
     responses = out / "data" / "teacher_responses.jsonl"
     held_out = out / "data" / "held_out.jsonl"
+    held_out_everyday = out / "data" / "held_out_everyday.jsonl"
     untrained = out / "students" / "untrained"
     runs = {kind: out / "runs" / kind for kind in ("sft", "kd")}
 
     def responses_stage() -> None:
         teacher_responses(s, responses)
-        held_out_file(responses, held_out)
+        held_out_file(responses, held_out, "bundled")
+        if s.everyday_test_limit > 0:
+            held_out_file(responses, held_out_everyday, EVERYDAY)
 
     log.run("responses", responses_stage, out / "data" / "responses.done")
     log.run(
@@ -278,7 +324,11 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
         "eval",
         lambda: evaluate(
             str(runs["kd"] / "final"),
-            [f"rel-jsonl:{held_out}", *s.eval_tasks],
+            [
+                f"rel-jsonl:{held_out}",
+                *([f"rel-jsonl:{held_out_everyday}"] if s.everyday_test_limit > 0 else []),
+                *s.eval_tasks,
+            ],
             teacher=s.teacher,
             extra={"sft-only": str(runs["sft"] / "final"), "untrained": str(untrained)},
             settings=EvalSettings(limit=s.eval_limit, max_tokens=s.max_tokens, batch_size=16),

@@ -1,12 +1,14 @@
 """`lmdistill run RECIPE.yaml`: the whole job as stages, each skipped when nothing it depends on
 changed.
 
-    prompts -> generate -> filter -> cache_logits -> train -> eval -> report
+    synthesize -> prompts -> generate -> filter -> cache_logits -> train -> eval -> report
 
 A recipe names the stages it wants (a section per stage; `train` is a training recipe without
 `run_dir` and `data.path`, which the pipeline fills in). Every stage writes under `run_dir`:
 
-    prompts.jsonl          the prompts (from a JSONL file or a task's examples, template applied)
+    synthesized.jsonl      prompts the teacher wrote itself (`synthesize`, Magpie; + .stats.json)
+    prompts.jsonl          the prompts (from a JSONL file or a task's examples, template applied,
+                           and the synthesized ones)
     responses.jsonl        the teacher's responses (`generate`; tool-use traces with `tools`)
     filtered.jsonl         the responses that pass the filter (+ filtered.stats.json)
     cache/                 the teacher's top-k log-probs (`cache-logits`)
@@ -45,7 +47,7 @@ from lmdistill.errors import RecipeError, UserError, say
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
 from lmdistill.store.settings import changed_settings
 
-STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
+STAGES = ("synthesize", "prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
 STATE_FORMAT = "lmdistill.run/1"
 
 
@@ -72,9 +74,40 @@ class PromptsStage(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptsStage:
-        if (self.path is None) == (self.task is None):
-            raise ValueError("give exactly one of prompts.path and prompts.task")
+        if self.path is not None and self.task is not None:
+            raise ValueError("give one of prompts.path and prompts.task, not both")
         return self
+
+
+class SynthesizeStage(_Strict):
+    """Prompts the teacher writes itself (Magpie: its chat template up to a user's words), added
+    to the prompts stage's. See `lmdistill prompts synthesize --help`."""
+
+    n: int = Field(ge=1, description="prompts to keep")
+    kinds: list[str] = Field(default_factory=list, description="task kinds: first words")
+    starts: list[str] = Field(default_factory=list, description="more first words")
+    topics: list[str] = Field(default_factory=list, description="topics, as a system turn")
+    system: str | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1)
+    min_words: int = Field(4, ge=1)
+    max_words: int = Field(60, ge=1)
+    near_duplicate: float = Field(0.5, gt=0, le=1)
+    max_samples: int | None = Field(None, ge=1, description="default 4 * n")
+    seed: int = 0
+    split: str = Field("train", description="the 'split' of every synthesized prompt")
+    avoid: list[str] = Field(
+        default_factory=list, description="prompt files the synthesized ones must not repeat"
+    )
+
+    def settings(self):
+        from lmdistill.pipelines.synthesize import SynthesisSettings
+
+        fields = self.model_dump(exclude={"avoid", "kinds", "starts", "topics"})
+        return SynthesisSettings(
+            **fields, kinds=tuple(self.kinds), starts=tuple(self.starts), topics=tuple(self.topics)
+        )
 
 
 class GenerateStage(_Strict):
@@ -141,6 +174,7 @@ class RunRecipe(_Strict):
     teacher_options: dict[str, Any] = Field(
         default_factory=dict, description="e.g. base_url, concurrency, api_key_env, batch_size"
     )
+    synthesize: SynthesizeStage | None = None
     prompts: PromptsStage | None = None
     generate: GenerateStage | None = None
     filter: FilterStage | None = None
@@ -152,7 +186,18 @@ class RunRecipe(_Strict):
 
     @model_validator(mode="after")
     def _wiring(self) -> RunRecipe:
-        if self.generate is not None and self.prompts is None:
+        if self.synthesize is not None:
+            if self.teacher is None:
+                raise ValueError("teacher: required by synthesize (the teacher writes the prompts)")
+            if self.prompts is not None and self.prompts.task is not None:
+                raise ValueError("synthesize: adds to prompts.path, not to a task's prompts")
+            try:
+                self.synthesize.settings()
+            except UserError as exc:
+                raise ValueError(f"synthesize: {exc}") from None
+        elif self.prompts is not None and self.prompts.path is None and self.prompts.task is None:
+            raise ValueError("give one of prompts.path and prompts.task (or a synthesize section)")
+        if self.generate is not None and self.prompts is None and self.synthesize is None:
             raise ValueError("generate: needs a prompts section")
         if self.generate is not None and self.generate.tools is not None:
             if self.prompts is None or self.prompts.task is None:
@@ -217,6 +262,10 @@ def load_recipe(
 @dataclass(frozen=True)
 class Paths:
     root: Path
+
+    @property
+    def synthesized(self) -> Path:
+        return self.root / "synthesized.jsonl"
 
     @property
     def prompts(self) -> Path:
@@ -326,17 +375,37 @@ def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
     paths = Paths(Path(recipe.run_dir))
     stages: list[Stage] = []
     teacher = {"teacher": recipe.teacher, "options": _public_options(recipe.teacher_options)}
-    if recipe.prompts is not None:
-        p = recipe.prompts
+    synthesized = None
+    if recipe.synthesize is not None:
+        syn = recipe.synthesize
+        synthesized = paths.synthesized
+        stages.append(
+            Stage(
+                "synthesize",
+                {**syn.model_dump(), **teacher},
+                [],
+                [Path(a) for a in syn.avoid],
+                # The raw samples go last but are removed with the rest on a changed setting;
+                # an interrupted run keeps them and draws only what is missing.
+                [
+                    paths.synthesized,
+                    *(side_path(paths.synthesized, x) for x in (".stats.json", ".meta.json")),
+                    side_path(paths.synthesized, ".raw.jsonl"),
+                ],
+                lambda: run_synthesize(recipe, paths),
+            )
+        )
+    if recipe.prompts is not None or synthesized is not None:
+        p = recipe.prompts or PromptsStage()
         files = [Path(p.path)] if p.path else []
         stages.append(
             Stage(
                 "prompts",
                 p.model_dump(),
-                [],
+                ["synthesize"] if synthesized is not None else [],
                 files,
                 [paths.prompts],
-                lambda: make_prompts(p, paths.prompts),
+                lambda: make_prompts(p, paths.prompts, synthesized),
             )
         )
     if recipe.generate is not None:
@@ -433,11 +502,13 @@ def _public_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ stage bodies
-def make_prompts(p: PromptsStage, out: Path) -> str:
+def make_prompts(p: PromptsStage, out: Path, synthesized: Path | None = None) -> str:
     """Write the prompts file: records from a JSONL file (split filter, limit) or a task's
-    examples (id, messages, reference, metadata), with the reasoning template applied."""
+    examples (id, messages, reference, metadata), with the reasoning template applied, followed
+    by the synthesized prompts (all of them; `limit` and `split` apply to the file's)."""
     from lmdistill.tasks.base import seeded_subset
 
+    records: list[dict[str, Any]] = []
     if p.task is not None:
         from lmdistill.skills.reasoning import task_prompts
         from lmdistill.tasks.registry import get_task
@@ -449,7 +520,7 @@ def make_prompts(p: PromptsStage, out: Path) -> str:
             seed=p.seed,
             template=p.template,
         )
-    else:
+    elif p.path is not None:
         from lmdistill.pipelines.generate import read_prompts
 
         prompts = read_prompts(p.path, field_map(p.fields))
@@ -464,8 +535,35 @@ def make_prompts(p: PromptsStage, out: Path) -> str:
 
             for record in records:
                 record["messages"] = apply_template(record["messages"], p.template)
+    added = 0
+    if synthesized is not None and synthesized.stat().st_size > 0:  # empty: none passed
+        from lmdistill.pipelines.generate import read_prompts
+
+        taken = {r["id"] for r in records}
+        for q in read_prompts(synthesized):
+            if q.id not in taken:
+                records.append({"id": q.id, "messages": q.messages, **q.fields})
+                added += 1
+    if not records:
+        raise UserError(f"{synthesized}: the synthesize stage kept no prompts; see its .stats.json")
     write_jsonl_atomic(out, records)
-    return f"{len(records)} prompts"
+    return f"{len(records)} prompts" + (f" ({added} synthesized)" if synthesized else "")
+
+
+def run_synthesize(recipe: RunRecipe, paths: Paths) -> str:
+    from lmdistill.pipelines.synthesize import synthesize
+
+    syn = recipe.synthesize
+    assert syn is not None
+    teacher = _load_teacher(recipe)
+    try:
+        summary = synthesize(
+            teacher, syn.settings(), paths.synthesized, avoid=syn.avoid, progress=True
+        )
+    finally:
+        teacher.close()
+    dropped = ", ".join(f"{k} {v}" for k, v in summary.dropped.items() if v)
+    return f"{summary.kept} of {summary.samples} samples kept (dropped: {dropped or 'none'})"
 
 
 def _load_teacher(recipe: RunRecipe, **extra: Any):

@@ -97,6 +97,14 @@ def _check_run(c: _Checker, recipe: RunRecipe, source: str) -> None:
     if recipe.cache_logits is not None and caps is not None and Capability.FULL_LOGITS not in caps:
         # build_cache scores the data's own tokens: an API's top-k of its own text cannot.
         c.add("cache_logits", _needs_logits(recipe.teacher, caps, "the top-k cache"))
+    if recipe.synthesize is not None and caps is not None and Capability.CONTINUATION not in caps:
+        from lmdistill.pipelines.synthesize import PURPOSE
+
+        c.add("synthesize", f"teacher '{recipe.teacher}' cannot continue raw text ({PURPOSE})")
+    for i, avoid in enumerate(recipe.synthesize.avoid if recipe.synthesize else []):
+        from lmdistill.pipelines.generate import first_prompt
+
+        c.run(f"synthesize.avoid.{i}", lambda avoid=avoid: first_prompt(avoid))
     _check_prompts(c, recipe)
     if recipe.filter is not None and recipe.filter.task is not None:
         _check_task(c, "filter.task", recipe.filter.task)

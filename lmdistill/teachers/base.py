@@ -22,6 +22,9 @@ class Capability(enum.Flag):
     TEXT = enum.auto()  # generates responses
     TOPK_LOGPROBS = enum.auto()  # top-k log-probs per position (API logprobs, offline cache)
     FULL_LOGITS = enum.auto()  # the whole (.., V) distribution for given token ids (local model)
+    # continues raw text, e.g. a chat transcript cut before the user's words (Magpie prompt
+    # synthesis); a chat API always closes the turn it is given, so it cannot
+    CONTINUATION = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,21 @@ class Teacher(ABC):
         """Generate `params.n` responses for each conversation, yielding results as they complete
         (in any order; `GenerationResult.index` says which). Callers persist each result as it
         arrives, so a crash loses at most the requests in flight."""
+
+    def pre_query(self, system: str | None = None) -> str:
+        """The chat transcript up to where a user's words start: the template rendered with an
+        optional system turn, cut before the first user message's content. Continuing it makes
+        the model write a user's request (Magpie, Xu et al. 2024)."""
+        self.require(Capability.CONTINUATION, "prompt synthesis from the chat template")
+        raise NotImplementedError
+
+    def iter_continue(
+        self, texts: Sequence[str], params: SamplingParams
+    ) -> Iterator[GenerationResult]:
+        """Continue each raw text (no chat template applied) until an end-of-turn token, yielding
+        results as they complete; `GenerationResult.index` says which text."""
+        self.require(Capability.CONTINUATION, "continuing raw text")
+        raise NotImplementedError
 
     def cache_identity(self) -> str | None:
         """What a response cache may key this teacher's answers by: a string that changes whenever

@@ -41,7 +41,12 @@ class HFTeacher(Teacher):
     `batch_size` counts sequences per `generate` call, so with `n` samples a batch holds
     `batch_size // n` prompts (greedy decodes each prompt once and copies the answer n times)."""
 
-    capabilities = Capability.TEXT | Capability.FULL_LOGITS | Capability.TOPK_LOGPROBS
+    capabilities = (
+        Capability.TEXT
+        | Capability.FULL_LOGITS
+        | Capability.TOPK_LOGPROBS
+        | Capability.CONTINUATION
+    )
 
     def __init__(
         self,
@@ -94,6 +99,32 @@ class HFTeacher(Teacher):
             messages, tokenize=False, add_generation_prompt=True
         )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def pre_query(self, system: str | None = None) -> str:
+        """The template rendered up to the first user message's content: a marker stands in for
+        the content and is cut off, so any template (a default system turn, BOS, role headers)
+        gives its own pre-query text."""
+        marker = "\u2063lmdistill-user-content\u2063"
+        messages = [{"role": "system", "content": system}] if system else []
+        text = self.tokenizer.apply_chat_template(
+            [*messages, {"role": "user", "content": marker}], tokenize=False
+        )
+        if marker not in text:
+            raise UserError(f"teacher '{self.name}': its chat template drops the user's message")
+        return text[: text.index(marker)]
+
+    def iter_continue(
+        self, texts: Sequence[str], params: SamplingParams
+    ) -> Iterator[GenerationResult]:
+        """Continue raw texts in input order, `batch_size // n` per `generate` call; batch k is
+        seeded with `seed + k * per_batch`, so a resumed run that starts at a batch boundary
+        draws what the uninterrupted one would have."""
+        per_batch = max(1, self.batch_size // _rows_per_prompt(params))
+        for start in range(0, len(texts), per_batch):
+            chunk = texts[start : start + per_batch]
+            ids = [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in chunk]
+            indices = list(range(start, start + len(chunk)))
+            yield from self.generate_batch(indices, ids, params, start)
 
     def iter_generate(
         self, conversations: Sequence[list[Message]], params: SamplingParams

@@ -29,6 +29,17 @@ class Collector(HTMLParser):
             self.images.append(dict(attrs)["src"])
 
 
+# The training run's data as the report finds it through run_dir/config.yaml: two samples of one
+# prompt (one prompt, not two), a held-out record (not trained on), and a near-duplicate.
+TRAINING_RECORDS = [
+    {"messages": [{"role": "user", "content": "How do I boil an egg?"}], "split": "train"},
+    {"messages": [{"role": "user", "content": "How do I boil an egg?"}], "split": "train"},
+    {"messages": [{"role": "user", "content": "How do I boil an egg"}], "split": "train"},
+    {"messages": [{"role": "user", "content": "Write a haiku about rain."}], "split": "train"},
+    {"messages": [{"role": "user", "content": "Name a red fruit."}], "split": "test"},
+]
+
+
 @pytest.fixture(scope="module")
 def report_dir(tiny_model_dir, tiny_student_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
@@ -51,6 +62,9 @@ def report_dir(tiny_model_dir, tiny_student_dir, tmp_path_factory):
         + json.dumps({"step": 5, "eval/loss": 0.5})
         + "\n"
     )
+    data = tmp / "responses.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAINING_RECORDS))
+    (run_dir / "config.yaml").write_text(f"data:\n  path: {data}\n  split: train\n")
     sizes = {str(tiny_model_dir): 10_000, str(tiny_student_dir): 1_000}
     patch = pytest.MonkeyPatch()
     # The report must go ahead when a task cannot run: lm-eval is in the dev install (for the
@@ -102,6 +116,19 @@ def test_report_json_has_the_documented_keys(report_dir):
     )
     assert data["cost"]["reduction"]["student"]["params"] == pytest.approx(10.0)
     assert data["settings"]["seeds"]["examples"] == 0
+
+
+def test_report_gives_the_diversity_of_the_prompts_the_student_trained_on(report_dir):
+    from dataclasses import asdict
+
+    from lmdistill.data.diversity import diversity
+
+    trained = ["How do I boil an egg?", "How do I boil an egg", "Write a haiku about rain."]
+    data = json.loads((report_dir / "report.json").read_text())
+    assert data["training_prompts"] == asdict(diversity(trained))
+    assert data["training_prompts"]["near_duplicate_share"] == pytest.approx(1 / 3)
+    md = (report_dir / "report.md").read_text()
+    assert "## Training prompts" in md and "33.3%" in md
 
 
 def test_report_html_parses_and_embeds_pngs(report_dir):

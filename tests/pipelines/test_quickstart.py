@@ -15,6 +15,13 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
         for i in range(16)
     ]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    everyday = {}
+    for split in ("train", "test"):
+        everyday[split] = tmp_path / f"everyday_{split}.jsonl"
+        asks = [f"How do I {verb} a {thing}?" for verb in ("fold", "draw") for thing in "ab"]
+        everyday[split].write_text(
+            "".join(json.dumps({"prompt": f"{a} ({split})", "split": split}) + "\n" for a in asks)
+        )
     settings = QuickstartSettings(
         out_dir=tmp_path / "qs",
         teacher=str(tiny_model_dir),
@@ -26,6 +33,10 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
         eval_tasks=("arithmetic_1digit",),
         eval_limit=4,
         prompts=prompts,
+        everyday_train=everyday["train"],
+        everyday_train_limit=3,
+        everyday_test=everyday["test"],
+        everyday_test_limit=3,
         measure_cost=False,
         progress=False,
     )
@@ -33,9 +44,16 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
     report = first.report_dir
     assert {r["stage"]: r["status"] for r in first.stages}["kd"] == "ran"
     data = json.loads((report / "report.json").read_text())
-    rel = next(name for name in data["tasks"] if name.startswith("rel-jsonl:"))
-    assert set(data["tasks"]) == {rel, "arithmetic_1digit"}
-    assert data["tasks"][rel]["n"] == 4  # the held-out split only
+    rel = next(name for name in data["tasks"] if name.endswith("held_out.jsonl"))
+    daily = next(name for name in data["tasks"] if name.endswith("held_out_everyday.jsonl"))
+    assert set(data["tasks"]) == {rel, daily, "arithmetic_1digit"}
+    assert data["tasks"][rel]["n"] == 4  # the bundled held-out split only
+    assert data["tasks"][daily]["n"] == 3  # the first 3 everyday held-out requests
+    responses = (tmp_path / "qs" / "data" / "teacher_responses.jsonl").read_text()
+    trained = [json.loads(line) for line in responses.splitlines()]
+    everyday_train = [r for r in trained if r.get("set") == "everyday" and r["split"] == "train"]
+    assert len(everyday_train) == 3  # added to the training data
+    assert json.loads((report / "report.json").read_text())["training_prompts"]["prompts"] == 15
     models = json.loads((report / "report.json").read_text())["models"]
     assert {"teacher", "student", "sft-only", "untrained"} <= set(models)
     for kind in ("sft", "kd"):
@@ -44,7 +62,8 @@ def test_quickstart_end_to_end_on_tiny_models_then_skips_everything(
     compared = {(c["against"], c["metric"]) for c in data["comparisons"]}
     for other in ("sft-only", "untrained"):
         assert {(other, m) for m in ("rouge_l", "kl", "top1_agreement", "accuracy")} <= compared
-    assert "held-out" in capsys.readouterr().err  # the verdict lines
+    err = capsys.readouterr().err
+    assert "held-out" in err and "everyday held-out" in err  # the verdict lines
 
     again = quickstart(settings)
     status = {r["stage"]: r["status"] for r in again.stages}

@@ -315,3 +315,45 @@ def test_a_changed_stage_says_what_changed(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "would run (changed: max_tokens)" in out  # the generate stage
     assert "would run (changed: generate)" in out  # train, which reads its output
+
+
+def test_a_synthesize_stage_runs_before_the_prompts_and_reruns_only_when_changed(
+    tmp_path, tiny_model_dir
+):
+    synth = {"n": 2, "max_samples": 8, "max_tokens": 4, "min_words": 1, "kinds": ["howto"]}
+    path = _recipe(tmp_path, tiny_model_dir, synthesize=synth, eval=None)
+    first = run_recipe(load_recipe(path), source=str(path), log=None)
+    assert [row.name for row in first.stages] == ["synthesize", "prompts", "generate", "train"]
+    stats = json.loads((tmp_path / "run" / "synthesized.jsonl.stats.json").read_text())
+    assert stats["samples"] == 8 == sum(stats["dropped"].values()) + stats["passed"]
+    again = run_recipe(load_recipe(path), source=str(path), log=None)
+    assert set(_status(again).values()) == {"skipped (unchanged)"}
+    path = _recipe(tmp_path, tiny_model_dir, synthesize={**synth, "seed": 1}, eval=None)
+    changed = _status(run_recipe(load_recipe(path), source=str(path), log=None))
+    assert changed["synthesize"] == "ran" and changed["prompts"] == "ran"
+
+
+def test_synthesized_prompts_are_added_to_the_files_prompts(tmp_path):
+    from lmdistill.pipelines.run import PromptsStage, make_prompts
+
+    synthesized = tmp_path / "synthesized.jsonl"
+    rows = [{"id": "s1", "prompt": "How do I fold a shirt?", "split": "train"}]
+    synthesized.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prompts.out.jsonl"
+    line = make_prompts(PromptsStage(path=str(_prompts(tmp_path))), out, synthesized)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line == "13 prompts (1 synthesized)" and len(records) == 13
+    assert records[-1]["messages"] == [{"role": "user", "content": "How do I fold a shirt?"}]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"teacher": None, "generate": None, "train": None}, "teacher: required by synthesize"),
+        ({"synthesize": {"n": 2, "kinds": ["poems"]}}, "unknown task kind 'poems'"),
+    ],
+)
+def test_bad_synthesize_sections_are_named(tmp_path, tiny_model_dir, change, message):
+    path = _recipe(tmp_path, tiny_model_dir, eval=None, **{"synthesize": {"n": 2}, **change})
+    with pytest.raises(UserError, match=message):
+        load_recipe(path)

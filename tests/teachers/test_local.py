@@ -121,7 +121,10 @@ def summary(teacher: HFTeacher, params: SamplingParams) -> list[tuple[str, str, 
 
 def test_capabilities() -> None:
     assert HFTeacher.capabilities == (
-        Capability.TEXT | Capability.FULL_LOGITS | Capability.TOPK_LOGPROBS
+        Capability.TEXT
+        | Capability.FULL_LOGITS
+        | Capability.TOPK_LOGPROBS
+        | Capability.CONTINUATION
     )
 
 
