@@ -309,7 +309,7 @@ def cost_table(results: EvalResults) -> Table | None:
 
 
 def _ratio_cell(cost: dict[str, Any], role: str, name: str | None, ratio: Any) -> str:
-    """"2.70x", or for a timing measured in rounds "2.70x [2.51, 2.93]", with a warning when the
+    """ "2.70x", or for a timing measured in rounds "2.70x [2.51, 2.93]", with a warning when the
     rounds or the load make it doubtful (`cost.noise`)."""
     from lmdistill.eval.cost import noise
 
