@@ -315,7 +315,7 @@ def step_breakdown(work: Path, name: str, student: Path, data: Path, teacher: di
         trainer.optimizer.zero_grad(set_to_none=True)
         clock.append(time.perf_counter())
         if step:  # the first step is a warm-up
-            for phase, t0, t1 in zip(PHASES, clock, clock[1:], strict=True):
+            for phase, t0, t1 in zip(PHASES, clock[:-1], clock[1:], strict=True):
                 times[phase].append(t1 - t0)
     return {phase: statistics.median(values) for phase, values in times.items()}
 
