@@ -72,11 +72,11 @@ def cache_bytes_per_token(cache: Path) -> float:
 def compact_result(
     b: m.Bench, seed: int, paths, student: Path, cache: Path, steps: int, train_only: bool = False
 ) -> dict | None:
-    out = b.out / "results" / f"fkl_compact-seed{seed}.json"
+    out = b.results_dir() / f"fkl_compact-seed{seed}.json"
     if out.exists():
         return json.loads(out.read_text())
     raw = m.method_config(b, "fkl", seed, paths, student, steps)
-    raw["run_dir"] = str(b.out / "runs" / "fkl_compact" / f"seed{seed}")
+    raw["run_dir"] = str(b.runs_dir() / "fkl_compact" / f"seed{seed}")
     raw["teacher"] = {"cache": str(cache)}
     m.say(f"[fkl_compact seed {seed}] training ...")
     final, seconds, steps_done = m.train_run(raw, f"bench fkl_compact seed {seed}")
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in a.seeds.split(","))
     b = m.Bench(out=a.out, seeds=seeds, methods=("sft", "fkl"))
     paths = m.data_stage(b)
-    student = m.student_stage(b)
+    student = m.student_stage(b, paths)
     cache = compact_cache(b, paths)
     exact, compact = [], []
     for seed in seeds:

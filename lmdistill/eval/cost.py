@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from lmdistill.errors import UserError
-from lmdistill.pipelines.generate import Prices
+from lmdistill.teachers.base import Prices
 
 # Short held-out prompts of the bundled prompt set: the same for every model.
 COST_PROMPTS: tuple[str, ...] = (

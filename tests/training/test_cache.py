@@ -26,10 +26,10 @@ from lmdistill.teachers.cache import (
     tokenizer_fingerprint,
     unpack_bits,
 )
+from lmdistill.teachers.forward import forward_signals
 from lmdistill.teachers.local import HFTeacher
 from lmdistill.training.config import validate
 from lmdistill.training.loop import train
-from lmdistill.training.signals import forward_signals
 
 K = 8
 
