@@ -18,8 +18,16 @@ Comparisons, each at the same shapes and with the same work:
   makes the two losses identical; the child asserts the values agree). Liger runs its plain-torch
   path (compiled=False): torch.compile on CPU would add minutes of compilation to each run.
 
+- fused vs the matmul floor (issue #20): the four LM-head matmuls alone (student logits,
+  teacher logits, and the two gradient products grad_hidden = G W and grad_W = G^T h), at the
+  same shapes, dtype and chunk size as the fused loss (`default_chunk_size(V)` rows at a time,
+  into reused buffers): no loss can take less time with this chunking. `time_vs_floor` = fused
+  forward-KL seconds / floor seconds; the floor row also gives its GFLOP/s
+  (8 N V H FLOP in all).
+
 The last line printed is one JSON object: memory_ratio and time_ratio (fused / reference at N=8192,
-V=32000), vs_liger_memory and vs_liger_time (fused / Liger at the same shape), and every row.
+V=32000), vs_liger_memory and vs_liger_time (fused / Liger at the same shape), time_vs_floor at
+that shape and time_vs_floor_by_shape, and every row.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import time
 H = 1024
 SHAPES = [(2048, 32000), (8192, 32000), (2048, 128256), (8192, 128256)]
 HEADLINE = (8192, 32000)
-KINDS = ("reference", "fused", "fused_jsd", "liger_jsd")
+KINDS = ("floor", "reference", "fused", "fused_jsd", "liger_jsd")
 GIB = 1024**3
 
 
@@ -75,9 +83,35 @@ def _reference(hidden, weight, t_hidden, t_weight, labels):
     return (per_token * mask).sum() / mask.sum()
 
 
+def _floor(hidden, weight, t_hidden, t_weight, labels):
+    """The fused loss's four matmuls alone, chunk by chunk into reused buffers (module docstring).
+    Returns a scalar so that it is timed like the losses (its backward is a no-op)."""
+    import torch
+
+    from lmdistill.losses.fused import default_chunk_size
+
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = default_chunk_size(v)
+    with torch.no_grad():
+        z = torch.empty(min(rows, n), v)
+        t = torch.empty(min(rows, n), v)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            h = hidden[start:stop]
+            torch.matmul(h, weight.T, out=z[: stop - start])
+            torch.matmul(t_hidden[start:stop], t_weight.T, out=t[: stop - start])
+            torch.matmul(z[: stop - start], weight, out=grad_hidden[start:stop])
+            grad_weight.addmm_(z[: stop - start].T, h)
+    return (grad_hidden[0, 0] + grad_weight[0, 0]).requires_grad_(True)
+
+
 def _loss_fn(kind: str):
     from lmdistill.losses import fused_distillation_loss
 
+    if kind == "floor":
+        return _floor
     if kind == "reference":
         return _reference
     if kind == "fused":
@@ -187,6 +221,16 @@ def main() -> None:
         return next((r for r in rows if r["kind"] == kind and (r["N"], r["V"]) == shape), None)
 
     print("\nratios (fused / baseline; below 1 is better)")
+    floors = {}
+    for shape in shapes:
+        floor = get("floor", shape)
+        floors[f"{shape[0]}x{shape[1]}"] = _ratio(get("fused", shape), floor, "seconds")
+        if floor and "error" not in floor:
+            gflops = 8 * shape[0] * shape[1] * H / floor["seconds"] / 1e9
+            print(
+                f"N={shape[0]:>5} V={shape[1]:>6}: matmul floor {floor['seconds']:.2f} s "
+                f"({gflops:.0f} GFLOP/s), time_vs_floor {floors[f'{shape[0]}x{shape[1]}']}"
+            )
     for shape in shapes:
         mem = _ratio(get("fused", shape), get("reference", shape), "peak_extra_gib")
         tim = _ratio(get("fused", shape), get("reference", shape), "seconds")
@@ -212,6 +256,8 @@ def main() -> None:
             get("fused_jsd", headline), get("liger_jsd", headline), "peak_extra_gib"
         ),
         "vs_liger_time": _ratio(get("fused_jsd", headline), get("liger_jsd", headline), "seconds"),
+        "time_vs_floor": _ratio(get("fused", headline), get("floor", headline), "seconds"),
+        "time_vs_floor_by_shape": floors,
         "rows": rows,
     }
     print(json.dumps(result))

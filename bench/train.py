@@ -10,6 +10,16 @@
    running the teacher every step, the teacher 4.1x the student in all parameters (7.9x without
    the embeddings).
 3. the cache's size in bytes per token at k=32.
+4. where the time goes (issue #20): `mfu`, the model FLOPs utilisation of lmdistill's online KD
+   run: (6 N_student + 2 N_teacher) x real tokens/s (the 6N rule for the student's forward and
+   backward, 2N for the teacher's forward; N counts every weight that enters a matmul, LM head
+   included, input embeddings not; attention's own FLOPs are left out, as in PaLM's MFU) over
+   this machine's float32 matmul peak, measured in the same run (2048^3 matmuls, best of several,
+   before and after the trainers); `mfu_cached` likewise for the cached run (6 N_student). And a
+   breakdown of one KD step into data (collation, the cache's rows), forward (teacher and
+   student), loss (the fused loss: its value and, in closed form, its gradient), backward (the
+   student's backbone) and optimizer (clipping, AdamW, scheduler), timed phase by phase on steps
+   run by hand with the trainer's own parts, median over --steps steps.
 
 Models: the teacher is the bundled SmolLM2-135M-Instruct (30 layers, 135M parameters); the student
 is cut from it by `student_from_teacher` (8 of its layers, hidden size 396, MLP 896: 33M
@@ -24,8 +34,10 @@ the bundled training prompts (generated once into --work-dir; ~10 minutes on 2 b
 
 Needs the bench extra (`pip install -e '.[bench]'`: trl). The first step of every trainer is a
 warm-up and is not timed; each trainer runs --repeats times, interleaved with the others, and its
-best run counts (other processes on a shared machine only ever slow a run down). The last line printed is one JSON object with kd_vs_trl,
-cached_vs_online, cache_bytes_per_token and the measurements behind them.
+best run counts (other processes on a shared machine only ever slow a run down). The last line
+printed is one JSON object with kd_vs_trl, cached_vs_online, cache_bytes_per_token, mfu,
+mfu_cached, matmul_peak_gflops, step_breakdown_s (online and cached) and the measurements behind
+them.
 """
 
 from __future__ import annotations
@@ -130,12 +142,24 @@ def run_lmdistill(
     work: Path, name: str, student: Path, data: Path, teacher: dict[str, str], args
 ) -> dict[str, Any]:
     """Real tokens/s and steps/s of lmdistill's loop, the warm-up step excluded."""
+    history = make_trainer(work, name, student, data, teacher, args).run().history[1:]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in history)
+    tokens = sum(r["tokens"] for r in history)
+    return {
+        "real_tokens_per_s": tokens / seconds,
+        "steps_per_s": len(history) / seconds,
+        "real_tokens_per_step": tokens / len(history),
+    }
+
+
+def make_trainer(work: Path, name: str, student: Path, data: Path, teacher: dict[str, str], args):
+    """lmdistill's trainer for forward KL (T = 1, alpha 1) on the data, in a fresh run dir."""
+    import shutil
+
     from lmdistill.training.config import validate
     from lmdistill.training.loop import Trainer
 
     run_dir = work / "runs" / name
-    import shutil
-
     shutil.rmtree(run_dir, ignore_errors=True)
     config = validate(
         {
@@ -156,14 +180,7 @@ def run_lmdistill(
         },
         name,
     )
-    history = Trainer(config).run().history[1:]
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in history)
-    tokens = sum(r["tokens"] for r in history)
-    return {
-        "real_tokens_per_s": tokens / seconds,
-        "steps_per_s": len(history) / seconds,
-        "real_tokens_per_step": tokens / len(history),
-    }
+    return Trainer(config)
 
 
 def run_trl(work: Path, student: Path, teacher: Path, data: Path, args) -> dict[str, Any]:
@@ -233,6 +250,78 @@ def run_trl(work: Path, student: Path, teacher: Path, data: Path, args) -> dict[
     }
 
 
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul FLOP/s now: the best of `repeats` (size x size) products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: first-call allocations and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def matmul_parameters(path: Path) -> int:
+    """Weights that enter a matmul per token: all but the input embeddings (a tied LM head is
+    counted once, as the LM head)."""
+    from lmdistill.training.students import load_model_dir
+
+    model, _ = load_model_dir(path)
+    inputs = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total - inputs.numel() + (head.numel() if head is inputs else 0)
+
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
+
+
+def step_breakdown(work: Path, name: str, student: Path, data: Path, teacher: dict, args):
+    """Median seconds of each phase of a KD step (module docstring, item 4), on --steps steps
+    after a warm-up, run by hand with the trainer's parts (the loop's `train_step` split up)."""
+    import statistics
+
+    import torch
+
+    from lmdistill.teachers.forward import forward_signals
+    from lmdistill.training.signals import Counts
+
+    trainer = make_trainer(work, f"{name}-breakdown", student, data, teacher, args)
+    module = trainer.accelerator.unwrap_model(trainer.module)
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    for step in range(args.steps + 1):
+        clock = [time.perf_counter()]
+        (batch,) = trainer.step_batches(step)  # one micro-batch per step (the config above)
+        counts = Counts(
+            loss_tokens=torch.tensor(float(batch.loss_tokens)),
+            tokens=torch.tensor(float(batch.tokens)),
+        )
+        clock.append(time.perf_counter())
+        signals = trainer.teacher(batch) if trainer.teacher is not None else None
+        student_signals = forward_signals(module.student, batch, module.student_layers)
+        clock.append(time.perf_counter())
+        parts = {
+            n: objective(batch, student_signals, signals, counts)
+            for n, objective in module.objectives.items()
+        }
+        total = sum(module.weights[n] * v for n, v in parts.items())
+        clock.append(time.perf_counter())
+        total.backward()
+        clock.append(time.perf_counter())
+        trainer._clip()
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        clock.append(time.perf_counter())
+        if step:  # the first step is a warm-up
+            for phase, t0, t1 in zip(PHASES, clock[:-1], clock[1:], strict=True):
+                times[phase].append(t1 - t0)
+    return {phase: statistics.median(values) for phase, values in times.items()}
+
+
 def build_cache(work: Path, teacher: Path, data: Path, args) -> dict[str, Any]:
     import shutil
 
@@ -276,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()}"
     )
 
+    peaks = [matmul_peak_flops()]
     cache = build_cache(work, teacher, data, args)
     print(
         f"cache: k={args.top_k}, {cache['bytes_per_token']:.1f} bytes/token, built in {cache['seconds']:.0f} s"
@@ -302,11 +392,37 @@ def main(argv: list[str] | None = None) -> int:
             )
     online, trl, cached = (max(runs[n], key=lambda r: r["steps_per_s"]) for n in trainers)
     print(f"TRL GKDTrainer's batches: {trl['padding_fraction']:.0%} padding")
+    breakdown = {
+        "online": step_breakdown(work, "online", student, data, {"model": str(teacher)}, args),
+        "cached": step_breakdown(work, "cached", student, data, {"cache": cache["dir"]}, args),
+    }
+    peaks.append(matmul_peak_flops())
+    peak = max(peaks)  # load only ever lowers it
+    n_student, n_teacher = matmul_parameters(student), matmul_parameters(teacher)
+    mfu = (6 * n_student + 2 * n_teacher) * online["real_tokens_per_s"] / peak
+    mfu_cached = 6 * n_student * cached["real_tokens_per_s"] / peak
+    print(
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s (float32, {torch.get_num_threads()} threads); "
+        f"mfu {mfu:.1%} online KD, {mfu_cached:.1%} cached KD"
+    )
+    for name, phases in breakdown.items():
+        total = sum(phases.values())
+        shares = ", ".join(
+            f"{p} {phases[p] * 1000:.0f} ms ({phases[p] / total:.0%})" for p in PHASES
+        )
+        loop = 1 / (online if name == "online" else cached)["steps_per_s"]
+        print(f"{name:>7} step: {total:.2f} s by hand ({loop:.2f} s in the loop): {shares}")
 
     result = {
         "kd_vs_trl": online["real_tokens_per_s"] / trl["real_tokens_per_s"],
         "cached_vs_online": cached["steps_per_s"] / online["steps_per_s"],
         "cache_bytes_per_token": cache["bytes_per_token"],
+        "mfu": mfu,
+        "mfu_cached": mfu_cached,
+        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peaks_gflops": [x / 1e9 for x in peaks],
+        "matmul_parameters": {"student": n_student, "teacher": n_teacher},
+        "step_breakdown_s": breakdown,
         "teacher_vs_student_params": size_ratio,
         "parameters": sizes,
         "lmdistill_online": online,

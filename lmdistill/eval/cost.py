@@ -4,6 +4,8 @@ of the design document's table, as ratios teacher / student.
   params_total          unique parameters (tied input/output embeddings counted once)
   params_non_embedding  without token, position and (untied) output embeddings, the count that
                         scaling laws use (Kaplan et al. 2020, sec. 1.2)
+  load_s                seconds to load the model (all models load at once, so it includes
+                        their contention)
   disk_bytes            the model dir's files as loaded (for the bundled teacher: the float32
                         safetensors converted from its GGUF, not the 4-bit GGUF itself)
   model_memory_bytes    peak resident memory while generating, less the process's memory before
@@ -11,17 +13,24 @@ of the design document's table, as ratios teacher / student.
                         model pays alike and that would blur the ratio); `peak_rss_bytes` is the
                         whole process; on a GPU also `cuda_peak_allocated_bytes`
   latency_per_token_s   time per generated token at batch size 1 (prefill included): the mean
-                        over the prompts, best of `repeats` rounds
-  tokens_per_s          generated tokens per second for a batch of `batch_size` prompts, best of
-                        `repeats` rounds
+                        over the prompts, median of `rounds` rounds (each in `latency_rounds_s`)
+  tokens_per_s          generated tokens per second for a batch of `batch_size` prompts, median
+                        of `rounds` rounds (each in `tokens_per_s_rounds`)
 
-Timing runs in a fresh subprocess per model (`python -m lmdistill.eval.cost SPEC`): memory peaks
-are then the model's own, not left over from whatever the evaluation loaded before, and every
-model meets the same cold start. Every model decodes exactly `new_tokens` tokens greedily from
-the same prompts (end-of-turn suppressed until then), so a model that answers briefly is not
-rewarded with a shorter, cheaper run. Timings take the best round because other load on the
-machine only ever adds time (the reasoning behind `timeit`'s advice to read the minimum); they
-remain noisy on a shared machine, so compare models measured in the same run.
+Each model runs in its own subprocess (`python -m lmdistill.eval.cost SPEC --serve`): memory
+peaks are then the model's own, not left over from whatever the evaluation loaded before, and
+every model meets the same cold start. Every model decodes exactly `new_tokens` tokens greedily
+from the same prompts (end-of-turn suppressed until then), so a model that answers briefly is not
+rewarded with a shorter, cheaper run.
+
+The models are timed interleaved (issue #20): all of them loaded and warm, then round after round
+each model's latency round, then each model's batch round, the order reversed every other round.
+Load from other jobs then falls on neighbouring rounds of both models alike, and a ratio is taken
+per round (teacher round r / student round r) and reported as the median over the rounds with its
+spread (lowest and highest round). Timing each model alone, one after the other, let a burst of
+load during one of them flip the verdict: a quickstart evaluated beside other jobs measured its
+student 0.56x as fast as the teacher. The 1-minute load average before and after, against the CPU
+count, is stored; `noise(report)` says when the spread or the load make the figures doubtful.
 
 API spend: the tokens each model used during the evaluation at the given prices (USD per
 million input / output tokens); the prices are the teacher's when there is one, else the
@@ -40,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmdistill.errors import UserError
 from lmdistill.teachers.base import Prices
 
@@ -51,8 +62,13 @@ COST_PROMPTS: tuple[str, ...] = (
     "Define the word 'gravity' in one sentence.",
 )
 DEFAULT_NEW_TOKENS = 32
-DEFAULT_REPEATS = 2
+DEFAULT_ROUNDS = 5
 _PROBE_TIMEOUT_S = 1800
+_MARK = "@@lmdistill-cost "  # the worker's reply lines (libraries may print to stdout too)
+# When to say the timings are doubtful: per-round ratios apart by more than this factor, or a
+# 1-minute load average above this share of the CPUs (other jobs competing for them).
+WIDE_SPREAD = 1.25
+BUSY_LOAD_PER_CPU = 0.5
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -122,16 +138,21 @@ def _peak_rss_bytes() -> tuple[int, str]:
     return (peak if sys.platform == "darwin" else peak * 1024), "process"
 
 
-# ------------------------------------------------------------------------------- the probe
-def probe(spec: str, *, new_tokens: int, batch_size: int, repeats: int) -> dict[str, Any]:
-    """Load `spec` in this process and measure it (run this in a fresh subprocess: see the
-    module docstring). Returns the measurements as a JSON-able dict."""
+# ------------------------------------------------------------------------------ the worker
+def serve(spec: str, *, new_tokens: int, batch_size: int) -> None:
+    """Load `spec` in this process (a fresh subprocess: see the module docstring), reply with its
+    static measurements, then answer commands read from stdin, one per line: `latency` (one round
+    of the prompts at batch 1), `batch` (one batched round), `done` (memory peaks; then exit).
+    Replies are JSON lines after `_MARK` on stdout."""
     import torch
     from transformers import GenerationConfig
 
     from lmdistill.eval.cache import model_dir
     from lmdistill.teachers.local import HFTeacher, left_pad
     from lmdistill.teachers.registry import load_teacher
+
+    def reply(data: dict[str, Any]) -> None:
+        print(_MARK + json.dumps(data), flush=True)
 
     rss_before = (_status_kb("VmRSS") or 0) * 1024  # torch and transformers already imported
     started = time.perf_counter()
@@ -176,34 +197,168 @@ def probe(spec: str, *, new_tokens: int, batch_size: int, repeats: int) -> dict[
     reset = _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rounds = [
-        sum(decode([p]) for p in prompts) / (len(prompts) * new_tokens) for _ in range(repeats)
-    ]
-    batch = [prompts[i % len(prompts)] for i in range(batch_size)]
-    batch_time = min(decode(batch) for _ in range(repeats))
-    peak, scope = _peak_rss_bytes()
     path = model_dir(spec)
-    out: dict[str, Any] = {
-        "params_total": total,
-        "params_non_embedding": non_embedding,
-        "disk_bytes": dir_size(path) if path is not None else None,
-        "dtype": str(next(teacher.model.parameters()).dtype).removeprefix("torch."),
-        "device": str(device),
-        "load_s": load_s,
-        "rss_before_load_bytes": rss_before,
-        "rss_after_load_bytes": rss_loaded,
-        "peak_rss_bytes": peak,
-        "peak_rss_scope": scope if reset else "process",
-        "model_memory_bytes": peak - rss_before if rss_before else None,
-        "latency_per_token_s": min(rounds),
-        "tokens_per_s": batch_size * new_tokens / batch_time,
-        "new_tokens": new_tokens,
-        "batch_size": batch_size,
-        "torch_threads": torch.get_num_threads(),
+    reply(
+        {
+            "params_total": total,
+            "params_non_embedding": non_embedding,
+            "disk_bytes": dir_size(path) if path is not None else None,
+            "dtype": str(next(teacher.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(device),
+            "load_s": load_s,
+            "rss_before_load_bytes": rss_before,
+            "rss_after_load_bytes": rss_loaded,
+            "new_tokens": new_tokens,
+            "batch_size": batch_size,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
+    batch = [prompts[i % len(prompts)] for i in range(batch_size)]
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "latency":
+            seconds = sum(decode([p]) for p in prompts)
+            reply({"latency_per_token_s": seconds / (len(prompts) * new_tokens)})
+        elif command == "batch":
+            reply({"tokens_per_s": batch_size * new_tokens / decode(batch)})
+        elif command == "done":
+            peak, scope = _peak_rss_bytes()
+            done: dict[str, Any] = {
+                "peak_rss_bytes": peak,
+                "peak_rss_scope": scope if reset else "process",
+                "model_memory_bytes": peak - rss_before if rss_before else None,
+            }
+            if device.type == "cuda":
+                done["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            reply(done)
+            return
+        else:
+            raise ValueError(f"unknown command {command!r}")
+
+
+class _Worker:
+    """One model in its own `serve` subprocess."""
+
+    def __init__(self, spec: str, new_tokens: int, batch_size: int) -> None:
+        import tempfile
+
+        self.spec = spec
+        # A file, not a pipe: a full pipe would block the worker. Closed in close().
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmdistill.eval.cost",
+                spec,
+                "--serve",
+                f"--new-tokens={new_tokens}",
+                f"--batch-size={batch_size}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.static: dict[str, Any] = {}
+
+    def ready(self) -> None:
+        """Wait for the model to load and warm up; keep its static measurements."""
+        self.static = self._read()
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self._process.stdin is not None
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK) :])
+        self._process.wait(timeout=_PROBE_TIMEOUT_S)
+        self._stderr.seek(0)
+        lines = [x for x in self._stderr.read().splitlines() if x.strip()]
+        last = lines[-1] if lines else f"exit status {self._process.returncode}"
+        raise UserError(f"measuring the cost of '{self.spec}' failed: {last}")
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()
+        self._stderr.close()
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def measure_models(
+    specs: dict[str, str],
+    *,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    batch_size: int = 8,
+    rounds: int = DEFAULT_ROUNDS,
+) -> dict[str, Any]:
+    """Time the models `specs` (role -> spec) interleaved, each in its own subprocess (module
+    docstring). Returns {"models": {role: measurements}, "conditions": {load averages, CPUs,
+    rounds}}."""
+    if rounds < 1:
+        raise UserError(f"cost rounds must be >= 1, got {rounds}")
+    load_before = _load_average()
+    workers: dict[str, _Worker] = {}
+    try:
+        for role, spec in specs.items():  # loading side by side; nothing is timed until all are
+            workers[role] = _Worker(spec, new_tokens, batch_size)
+        for worker in workers.values():
+            worker.ready()
+        latency: dict[str, list[float]] = {role: [] for role in specs}
+        throughput: dict[str, list[float]] = {role: [] for role in specs}
+        roles = list(specs)
+        for r in range(rounds):
+            order = roles if r % 2 == 0 else roles[::-1]
+            for role in order:
+                latency[role].append(workers[role].ask("latency")["latency_per_token_s"])
+            for role in order:
+                throughput[role].append(workers[role].ask("batch")["tokens_per_s"])
+        models = {}
+        for role, worker in workers.items():
+            models[role] = {
+                **worker.static,
+                **worker.ask("done"),
+                "latency_per_token_s": float(np.median(latency[role])),
+                "tokens_per_s": float(np.median(throughput[role])),
+                "latency_rounds_s": latency[role],
+                "tokens_per_s_rounds": throughput[role],
+            }
+    finally:
+        for worker in workers.values():
+            worker.close()
+    conditions = {
+        "rounds": rounds,
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+        "cpu_count": os.cpu_count(),
     }
-    if device.type == "cuda":
-        out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+    return {"models": models, "conditions": conditions}
+
+
+def measure(
+    spec: str,
+    *,
+    new_tokens: int = DEFAULT_NEW_TOKENS,
+    batch_size: int = 8,
+    rounds: int = DEFAULT_ROUNDS,
+) -> dict[str, Any]:
+    """One model's measurements (`measure_models` of it alone)."""
+    measured = measure_models(
+        {"model": spec}, new_tokens=new_tokens, batch_size=batch_size, rounds=rounds
+    )
+    return measured["models"]["model"]
 
 
 def machine() -> dict[str, Any]:
@@ -229,31 +384,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(
-    spec: str,
-    *,
-    new_tokens: int = DEFAULT_NEW_TOKENS,
-    batch_size: int = 8,
-    repeats: int = DEFAULT_REPEATS,
-) -> dict[str, Any]:
-    """`probe(spec)` in a fresh subprocess (see the module docstring)."""
-    command = [
-        sys.executable,
-        "-m",
-        "lmdistill.eval.cost",
-        spec,
-        f"--new-tokens={new_tokens}",
-        f"--batch-size={batch_size}",
-        f"--repeats={repeats}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=_PROBE_TIMEOUT_S)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise UserError(f"measuring the cost of '{spec}' failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # Ratios that say "how many times cheaper the student is": teacher / student for amounts,
 # student / teacher for throughput.
 _REDUCTIONS: tuple[tuple[str, str, bool], ...] = (
@@ -267,14 +397,68 @@ _REDUCTIONS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+# Timings measured round by round: the ratio is the median of the per-round ratios.
+_ROUNDS = {"latency_per_token": "latency_rounds_s", "throughput": "tokens_per_s_rounds"}
+
+
+def _per_round(teacher: dict[str, Any], other: dict[str, Any], name: str) -> np.ndarray | None:
+    """Per-round ratios (teacher round r against `other`'s round r), when both were timed in the
+    same interleaved run."""
+    key = _ROUNDS.get(name)
+    t, o = teacher.get(key or ""), other.get(key or "")
+    if not (isinstance(t, list) and isinstance(o, list) and len(t) == len(o) and t):
+        return None
+    t, o = np.asarray(t, dtype=float), np.asarray(o, dtype=float)
+    if (t <= 0).any() or (o <= 0).any():
+        return None
+    return o / t if name == "throughput" else t / o
+
+
 def reductions(teacher: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
-    """How many times cheaper (or faster) `other` is than `teacher`, per measured quantity."""
+    """How many times cheaper (or faster) `other` is than `teacher`, per measured quantity; for
+    timings measured in rounds, the median of the per-round ratios."""
     out = {}
     for name, key, inverted in _REDUCTIONS:
+        rounds = _per_round(teacher, other, name)
+        if rounds is not None:
+            out[name] = float(np.median(rounds))
+            continue
         t, o = teacher.get(key), other.get(key)
         if isinstance(t, int | float) and isinstance(o, int | float) and t > 0 and o > 0:
             out[name] = o / t if inverted else t / o
     return out
+
+
+def spreads(teacher: dict[str, Any], other: dict[str, Any]) -> dict[str, list[float]]:
+    """[lowest, highest] per-round ratio of each timing measured in rounds."""
+    out = {}
+    for name in _ROUNDS:
+        rounds = _per_round(teacher, other, name)
+        if rounds is not None:
+            out[name] = [float(rounds.min()), float(rounds.max())]
+    return out
+
+
+def noise(report: dict[str, Any], role: str, name: str) -> str | None:
+    """Why the `name` ratio of `role` against the teacher in a cost report is doubtful (a wide
+    spread across rounds, a spread on both sides of 1, a busy machine), or None."""
+    reasons = []
+    low, high = report.get("spread", {}).get(role, {}).get(name, (None, None))
+    if low is not None and high is not None:
+        if low < 1 < high:
+            reasons.append(f"rounds disagree on which is faster ({low:.2f}x to {high:.2f}x)")
+        elif high > WIDE_SPREAD * low:
+            reasons.append(f"wide spread ({low:.2f}x to {high:.2f}x)")
+    conditions = report.get("conditions", {})
+    cpus = conditions.get("cpu_count") or 0
+    loads = [
+        x
+        for x in (conditions.get("load_average_before"), conditions.get("load_average_after"))
+        if isinstance(x, int | float)
+    ]
+    if cpus and loads and max(loads) > BUSY_LOAD_PER_CPU * cpus:
+        reasons.append(f"busy machine (load average {max(loads):.1f} on {cpus} CPUs)")
+    return "; ".join(reasons) or None
 
 
 def cost_report(
@@ -282,9 +466,11 @@ def cost_report(
     tokens: dict[str, tuple[int, int]],
     prices: Prices | None,
     priced_role: str,
+    conditions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report's "cost" section: per role the measurements, its evaluation tokens and (for
-    `priced_role`) the spend at `prices`; ratios against the teacher; the machine."""
+    `priced_role`) the spend at `prices`; ratios against the teacher with the spread of the
+    timed ones; the machine and its load while timing (`conditions`, from `measure_models`)."""
     models: dict[str, dict[str, Any]] = {}
     for role, data in measured.items():
         prompt_tokens, completion_tokens = tokens.get(role, (0, 0))
@@ -297,6 +483,8 @@ def cost_report(
             entry["spend_usd"] = prices.cost(prompt_tokens, completion_tokens)
         models[role] = entry
     report: dict[str, Any] = {"models": models, "machine": machine()}
+    if conditions is not None:
+        report["conditions"] = conditions
     if prices is not None:
         report["prices"] = {
             "input_per_m": prices.input_per_m,
@@ -309,24 +497,39 @@ def cost_report(
             for role, data in models.items()
             if role != "teacher"
         }
+        report["spread"] = {
+            role: spreads(models["teacher"], data)
+            for role, data in models.items()
+            if role != "teacher"
+        }
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Measure one model's cost; prints JSON.")
-    parser.add_argument("spec")
+    parser = argparse.ArgumentParser(
+        description="Measure models' cost, timed interleaved; prints JSON. With --serve: the "
+        "worker subprocess of one model (commands on stdin)."
+    )
+    parser.add_argument("specs", nargs="+", metavar="SPEC")
     parser.add_argument("--new-tokens", type=int, default=DEFAULT_NEW_TOKENS)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
-        result = probe(
-            args.spec, new_tokens=args.new_tokens, batch_size=args.batch_size, repeats=args.repeats
+        if args.serve:
+            serve(args.specs[0], new_tokens=args.new_tokens, batch_size=args.batch_size)
+            return 0
+        measured = measure_models(
+            {f"model{i}": spec for i, spec in enumerate(args.specs)},
+            new_tokens=args.new_tokens,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    print(json.dumps(measured))
     return 0
 
 

@@ -341,7 +341,7 @@ def cost_table(results: EvalResults) -> Table | None:
         ratios = []
         for role in others:
             ratio = cost.get("reduction", {}).get(role, {}).get(reduction_key or "")
-            ratios.append(f"{ratio:.2f}x" if ratio is not None else "–")
+            ratios.append(_ratio_cell(cost, role, reduction_key, ratio))
         rows.append([label, *(fmt(v) for v in values), *ratios])
     machine = cost.get("machine", {})
     first = cost["models"][roles[0]] if roles else {}
@@ -350,8 +350,22 @@ def cost_table(results: EvalResults) -> Table | None:
         f"{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}), torch {machine.get('torch', '?')}, "
         f"{first.get('new_tokens', '?')} greedy tokens per prompt, batch {first.get('batch_size', '?')}. "
         "Ratios say how many times cheaper (or faster, for tokens/s) each model is than the "
-        "teacher. Timings on a shared machine are noisy; compare models measured in one run."
+        "teacher; a timed ratio is the median over rounds in which the models ran in turn "
+        "[lowest, highest round], flagged when the rounds or the machine's load make it doubtful."
     )
+    conditions = cost.get("conditions", {})
+    if conditions.get("rounds"):
+        loads = [
+            conditions.get(k)
+            for k in ("load_average_before", "load_average_after")
+            if isinstance(conditions.get(k), int | float)
+        ]
+        note += f" {conditions['rounds']} rounds" + (
+            f"; load average {' then '.join(f'{x:.1f}' for x in loads)} on "
+            f"{conditions.get('cpu_count', '?')} CPUs."
+            if loads
+            else "."
+        )
     if "prices" in cost:
         p = cost["prices"]
         note += (
@@ -359,6 +373,23 @@ def cost_table(results: EvalResults) -> Table | None:
             f"tokens, for the {p['applies_to']}."
         )
     return Table("Cost", headers, rows, note)
+
+
+def _ratio_cell(cost: dict[str, Any], role: str, name: str | None, ratio: Any) -> str:
+    """ "2.70x", or for a timing measured in rounds "2.70x [2.51, 2.93]", with a warning when the
+    rounds or the load make it doubtful (`cost.noise`)."""
+    from lmdistill.eval.cost import noise
+
+    if not isinstance(ratio, int | float):
+        return "–"
+    cell = f"{ratio:.2f}x"
+    spread = cost.get("spread", {}).get(role, {}).get(name or "")
+    if spread:
+        cell += f" [{spread[0]:.2f}, {spread[1]:.2f}]"
+        doubt = noise(cost, role, name or "")
+        if doubt:
+            cell += f" ⚠ doubtful: {doubt}"
+    return cell
 
 
 def models_table(results: EvalResults) -> Table:

@@ -364,34 +364,47 @@ def _cost(
     new_tokens: int,
     say: Log,
 ) -> dict[str, Any]:
-    """The report's cost section: each local model measured (or its measurement from the
-    cache, for this machine), API models by their tokens only."""
+    """The report's cost section: the local models timed together, interleaved (or that
+    measurement from the cache, for this machine and these models), API models by their tokens
+    only."""
     batch_size = min(settings.batch_size, 8)
     machine = cost_module.machine()
     measured: dict[str, dict[str, Any]] = {}
-    for role, slot in slots.items():
-        if is_api_spec(slot.spec):
-            measured[role] = {"api": True}
-            continue
-        if slot.same_as is not None:
-            measured[role] = measured[slot.same_as.role]
-            continue
+    local = {
+        role: slot.spec
+        for role, slot in slots.items()
+        if not is_api_spec(slot.spec) and slot.same_as is None
+    }
+    conditions = None
+    if local:
+        # One key for the set: the ratios come from rounds of these models timed side by side.
         key = cache_key(
             {
-                "cost": slot.fingerprint,
+                "cost": {role: slots[role].fingerprint for role in local},
                 "new_tokens": new_tokens,
                 "batch_size": batch_size,
+                "rounds": cost_module.DEFAULT_ROUNDS,
                 "machine": machine,
             }
         )
         data = cache.get_json(key) if cache is not None else None
         if data is None:
-            say(f"cost: measuring {slot.spec} ({new_tokens} tokens per prompt, in a subprocess)")
-            data = cost_module.measure(slot.spec, new_tokens=new_tokens, batch_size=batch_size)
+            say(
+                f"cost: timing {', '.join(local.values())} interleaved "
+                f"({new_tokens} tokens per prompt, a subprocess each)"
+            )
+            data = cost_module.measure_models(local, new_tokens=new_tokens, batch_size=batch_size)
             data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             if cache is not None:
                 cache.put_json(key, data)
-        measured[role] = data
+        conditions = {**data["conditions"], "measured_at": data["measured_at"]}
+        measured.update(data["models"])
+    for role, slot in slots.items():
+        if is_api_spec(slot.spec):
+            measured[role] = {"api": True}
+        elif slot.same_as is not None:
+            measured[role] = measured[slot.same_as.role]
+    measured = {role: measured[role] for role in slots}  # the slots' order
     tokens = {
         role: (
             sum(t.results[role].prompt_tokens for t in tasks if role in t.results),
@@ -400,4 +413,4 @@ def _cost(
         for role in slots
     }
     priced = "teacher" if "teacher" in slots else "student"
-    return cost_module.cost_report(measured, tokens, prices, priced)
+    return cost_module.cost_report(measured, tokens, prices, priced, conditions)

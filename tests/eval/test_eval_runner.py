@@ -55,12 +55,13 @@ def counted(monkeypatch):
         models.append(model)
         return model
 
-    def fake_measure(spec, **kwargs):
-        counts["measure"] += 1
-        return dict(FAKE_COST)
+    def fake_measure_models(specs, **kwargs):
+        counts["measure"] += len(specs)
+        conditions = {"rounds": 5, "load_average_before": 0.1, "load_average_after": 0.1}
+        return {"models": {role: dict(FAKE_COST) for role in specs}, "conditions": conditions}
 
     monkeypatch.setattr(runner, "load_teacher", counting_load)
-    monkeypatch.setattr(runner.cost_module, "measure", fake_measure)
+    monkeypatch.setattr(runner.cost_module, "measure_models", fake_measure_models)
     counts["models"] = models
     return counts
 

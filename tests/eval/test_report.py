@@ -72,16 +72,29 @@ def report_dir(tiny_model_dir, tiny_student_dir, tmp_path_factory):
     patch.setattr(lm_eval_adapter, "lm_eval_available", lambda: False)
     patch.setattr(
         runner.cost_module,
-        "measure",
-        lambda spec, **kw: {
-            "params_total": sizes[spec],
-            "params_non_embedding": sizes[spec] // 2,
-            "disk_bytes": sizes[spec] * 4,
-            "model_memory_bytes": sizes[spec] * 8,
-            "latency_per_token_s": sizes[spec] / 1e6,
-            "tokens_per_s": 1e6 / sizes[spec],
-            "new_tokens": 32,
-            "batch_size": 8,
+        "measure_models",
+        lambda specs, **kw: {
+            "models": {
+                role: {
+                    "params_total": sizes[spec],
+                    "params_non_embedding": sizes[spec] // 2,
+                    "disk_bytes": sizes[spec] * 4,
+                    "model_memory_bytes": sizes[spec] * 8,
+                    "latency_per_token_s": sizes[spec] / 1e6,
+                    "tokens_per_s": 1e6 / sizes[spec],
+                    "latency_rounds_s": [sizes[spec] / 1e6 * f for f in (1.0, 1.1, 0.9)],
+                    "tokens_per_s_rounds": [1e6 / sizes[spec] * f for f in (1.0, 0.9, 1.1)],
+                    "new_tokens": 32,
+                    "batch_size": 8,
+                }
+                for role, spec in specs.items()
+            },
+            "conditions": {
+                "rounds": 3,
+                "load_average_before": 0.2,
+                "load_average_after": 9.0,  # as if another job started meanwhile
+                "cpu_count": 2,
+            },
         },
     )
     try:
@@ -149,6 +162,17 @@ def test_report_md_and_samples(report_dir):
     assert (report_dir / "plots" / "training.png").read_bytes().startswith(PNG_MAGIC)
     samples = list((report_dir / "samples" / "student").glob("*.jsonl"))
     assert len(samples) == 1 and json.loads(samples[0].read_text().splitlines()[0])["id"]
+
+
+def test_the_cost_table_gives_timed_ratios_with_their_spread_and_flags_a_busy_machine(report_dir):
+    """Issue #20: the timed ratios are medians over interleaved rounds, shown with their spread,
+    and the load average seen while timing (here 9.0 on 2 CPUs) is said next to the figure."""
+    lines = (report_dir / "report.md").read_text().splitlines()
+    (latency,) = [line for line in lines if line.startswith("| latency per token")]
+    assert "10.00x [10.00, 10.00] ⚠ doubtful: busy machine (load average 9.0 on 2 CPUs)" in latency
+    (params,) = [line for line in lines if line.startswith("| parameters |")]
+    assert "10.00x |" in params and "⚠" not in params  # counted, not timed: no spread, no flag
+    assert "3 rounds; load average 0.2 then 9.0 on 2 CPUs." in "\n".join(lines)
 
 
 @pytest.mark.skipif(
