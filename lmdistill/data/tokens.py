@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,7 @@ class TokenWriter:
         names = ["records", "input_ids", "targets"] + (["weighted", "weights"] if weighted else [])
         self.handles = {n: (directory / f"{n}.{_SUFFIX[n]}").open("wb") for n in names}
         self.buffers: dict[str, list] = {n: [] for n in names}
-        self.lengths: list[int] = []
-        self.offsets = [0]  # kept whole: 8 bytes per example
+        self.offsets = array("q", [0])  # kept whole: 8 bytes per example
         self.buffer_examples = buffer_examples
         self.tokens = 0
 
@@ -140,7 +140,7 @@ class TokenWriter:
         self.flush()
         for handle in self.handles.values():
             handle.close()
-        offsets = np.asarray(self.offsets, dtype=np.int64)
+        offsets = np.frombuffer(self.offsets, dtype=np.int64)
         offsets.tofile(self.dir / f"offsets.{_SUFFIX['offsets']}")
         examples = len(offsets) - 1
         meta = {**meta, "format": FORMAT, "examples": examples, "tokens": self.tokens}
