@@ -179,6 +179,7 @@ class PlanSettings:
     price_input: float | None = None  # USD per million tokens, an API teacher
     price_output: float | None = None
     examples: int | None = None  # when the data cannot be counted (a Hub dataset)
+    example_tokens: int | None = None  # tokens per example, instead of ~4 characters per token
 
 
 @dataclass
@@ -282,6 +283,8 @@ def _plan(settings: PlanSettings, *, train, teacher_spec: str | None, run) -> Re
             prompts, prompt_chars = (run.prompts.limit or 0) if run.prompts else 0, 200
         prompts = settings.examples or prompts
         prompt_tokens = max(prompt_chars // 4, 1)  # ~4 characters per token (English, BPE)
+        if settings.example_tokens is not None:
+            prompt_tokens = max(settings.example_tokens - max_tokens, 1)
         gen = StagePlan(
             "generate", note=f"{prompts} prompts x {n} samples, up to {max_tokens} tokens"
         )
@@ -312,7 +315,7 @@ def _plan(settings: PlanSettings, *, train, teacher_spec: str | None, run) -> Re
     else:
         examples, chars = count_records(train.data.path, None) if train is not None else (0, 0)
         examples = settings.examples or examples
-        example_tokens = max(chars // 4, 1)
+        example_tokens = settings.example_tokens or max(chars // 4, 1)
     if train is None:
         return RecipePlan(settings, stages, models)
 

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--price-input", type=float, default=None, help="API teacher: USD per M tokens")
     p.add_argument("--price-output", type=float, default=None, help="API teacher: USD per M tokens")
     p.add_argument("--examples", type=int, default=None, help="data size, when it cannot be read")
+    p.add_argument(
+        "--example-tokens", type=int, default=None, help="tokens per example (default: chars / 4)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         price_input=args.price_input,
         price_output=args.price_output,
         examples=args.examples,
+        example_tokens=args.example_tokens,
     )
     plan = plan_recipe(args.recipe, settings)
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan))

@@ -594,7 +594,7 @@ def _pack(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First fit of the examples in `order` among the last `window` rows still open; (layout:
     example indices row after row, row bounds (R + 1,), tokens per row (R,))."""
-    free = array("q")  # free tokens of each row
+    free: list[int] = []  # free tokens of each row (a list: its slices iterate fastest)
     row_of = array("q")  # the row of each example, in `order`
     first_open = 0
     for lo in range(0, len(order), _CHUNK):
@@ -605,11 +605,13 @@ def _pack(
                     f"example {i} has {n} tokens, more than the row length {row_length}"
                 )
             rows = len(free)
-            for r in range(max(first_open, rows - window), rows):
-                if free[r] >= n:
+            start = max(first_open, rows - window, 0)
+            r = rows
+            for k, f in enumerate(free[start:rows]):
+                if f >= n:
+                    r = start + k
                     break
-            else:
-                r = rows
+            if r == rows:
                 free.append(row_length)
             free[r] -= n
             row_of.append(r)
@@ -620,7 +622,7 @@ def _pack(
     layout = order[np.argsort(row_of_np, kind="stable")]
     row_bounds = np.zeros(len(free) + 1, dtype=np.int64)
     np.cumsum(np.bincount(row_of_np, minlength=len(free)), out=row_bounds[1:])
-    tokens = row_length - (np.frombuffer(free, dtype=np.int64) if free else np.zeros(0, np.int64))
+    tokens = row_length - np.asarray(free, dtype=np.int64)
     return layout, row_bounds, tokens
 
 
