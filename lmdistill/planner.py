@@ -277,10 +277,13 @@ def _plan(settings: PlanSettings, *, train, teacher_spec: str | None, run) -> Re
     prompts = max_tokens = n = 0
     if run is not None and run.generate is not None:
         n, max_tokens = run.generate.n, run.generate.max_tokens
-        if run.prompts is not None and run.prompts.path:
+        given = settings.examples is not None and settings.example_tokens is not None
+        if run.prompts is not None and run.prompts.path and not given:
             prompts, prompt_chars = count_records(run.prompts.path)
         else:
             prompts, prompt_chars = (run.prompts.limit or 0) if run.prompts else 0, 200
+        if run.prompts is not None and run.prompts.limit:
+            prompts = min(prompts, run.prompts.limit) if prompts else run.prompts.limit
         prompts = settings.examples or prompts
         prompt_tokens = max(prompt_chars // 4, 1)  # ~4 characters per token (English, BPE)
         if settings.example_tokens is not None:
@@ -313,7 +316,9 @@ def _plan(settings: PlanSettings, *, train, teacher_spec: str | None, run) -> Re
         stages.append(gen)
         examples, example_tokens = prompts * n, prompt_tokens + max_tokens
     else:
-        examples, chars = count_records(train.data.path, None) if train is not None else (0, 0)
+        given = settings.examples is not None and settings.example_tokens is not None
+        counted = train is not None and not given  # reading a large file takes a while
+        examples, chars = count_records(train.data.path) if counted else (0, 0)
         examples = settings.examples or examples
         example_tokens = settings.example_tokens or max(chars // 4, 1)
     if train is None:
