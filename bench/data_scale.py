@@ -9,7 +9,7 @@ system prompt); the student: a 2-layer, 64-wide Llama on that vocabulary, so the
 cheap and what is measured is the data path. Records: a user question of 5-30 words and an answer
 of 10-80 words (~60-150 tokens rendered), max_length 512, 4096 tokens per micro-batch.
 
-Memory: peak RSS (`ru_maxrss`) of each child process, everything included (Python, torch, the
+Memory: peak RSS (VmHWM) of each child process, everything included (Python, torch, the
 tokenizer, the model); the growth with the data is what the ratio shows.
 
     .venv/bin/python bench/data_scale.py              # ~15-25 minutes on 2 busy cores
@@ -30,7 +30,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -135,6 +134,15 @@ def student_dir(work: Path) -> Path:
     return out
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak across
+    fork + exec into it, so a child started by a large parent would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement, in this fresh process: Trainer set-up and its first optimizer step."""
     from lmdistill.training import loop
@@ -168,7 +176,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "first_step_s": round(first_step, 2),
         "load_examples_s": round(tokenizing["s"], 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_kib() / 1024, 1),
         "train_examples": trainer.info["train_examples"],
         "micro_batches_epoch0": len(trainer.stream.plan(0)),
         "first_step_tokens": record["tokens"],

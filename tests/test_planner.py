@@ -4,7 +4,7 @@ training runs on this CPU machine, and its command line.
 How the peak is measured: each run is a fresh Python process that imports everything, writes its
 data and student, and reads its resident set size (RSS, /proc/self/statm) as the baseline; then
 it builds lmdistill's real Trainer and runs two optimizer steps (the second runs with AdamW's
-moments allocated, the steady state), and reads its peak RSS (`ru_maxrss`). The measured figure
+moments allocated, the steady state), and reads its peak RSS (VmHWM in /proc/self/status). The measured figure
 is peak minus baseline: everything the run allocated (weights, gradients, optimizer state,
 activations, the loss buffers, and whatever the allocators keep cached), nothing it did not.
 The estimate is the planner's for one process in float32 with attention on the math path (CPU
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +78,10 @@ def child(spec: dict) -> dict:
         batches = trainer.step_batches(step)
         real_tokens = max(real_tokens, max(b.input_ids.numel() for b in batches))
         trainer.train_step(batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries a parent's peak RSS across fork + exec into the child's
+    # ru_maxrss, so under pytest (a large parent) it read the parent's peak.
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
     estimate = train_memory(
         shape_from_config(config),
         None,
