@@ -27,13 +27,15 @@ Methods (`--methods`, comma-separated):
             samples), online teacher
   opd       on-policy distillation: the SFT student continues with per-token reverse KL to the
             teacher on its own samples (lambda 1), `--opd-steps` steps
+  skd       opd with a speculative proposal (SKD, arXiv:2410.11325): the student proposes each
+            token and one outside the teacher's top 25 is replaced by the teacher's sample
 
 Every (method, seed) result is cached under `--out` (a rerun skips what is done, so the bench is
 resumable and can be grown with more seeds). The table reports each method minus SFT pooled over
 the seeds with a two-way paired bootstrap (seeds and examples resampled;
 `eval.stats.pooled_paired_difference_interval`), "better"/"worse" only when the interval
 excludes 0. The last line is JSON with best_method, best_vs_sft_rouge_l (+ _low), best_vs_sft_top1,
-opd_vs_sft_rouge_l, best_task_retention, seeds, minutes.
+opd_vs_sft_rouge_l, skd_vs_sft_rouge_l, best_task_retention, seeds, minutes.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ import numpy as np
 from lmdistill.data.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from lmdistill.eval.stats import pooled_paired_difference_interval
 from lmdistill.pipelines.quickstart import ASSETS, MAX_LENGTH, PROMPTS
+from lmdistill.store.atomic import read_jsonl_tolerant
 
 EXTRA_PROMPTS = ASSETS / "prompts_extra_test.jsonl"
 TEACHER = "smollm2-135m-instruct"
-ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd")
+ALL_METHODS = ("sft", "seqkd", "fkl", "rkl", "skew_rkl", "gkd", "opd", "skd")
 TASK = "arithmetic_1digit"
 
 
@@ -75,6 +78,24 @@ class Bench:
     opd_lr: float = 1e-4
     task_limit: int = 80
     progress: bool = False
+    student: str = "spread"  # how the student's layers are chosen: spread | importance
+    heal_steps: int = 0  # logit-KD steps on the teacher's text before any method (0: none)
+    calibration: int = 8  # teacher conversations the importance ranking reads (64 tokens each)
+
+    @property
+    def tag(self) -> str:
+        """The student construction's name; the default (spread, no heal) keeps the plain
+        layout so earlier results stay valid."""
+        name = f"{self.student}{self.layers}" + (
+            f"-heal{self.heal_steps}" if self.heal_steps else ""
+        )
+        return "" if name == f"spread{self.layers}" else name
+
+    def results_dir(self) -> Path:
+        return self.out / "results" / self.tag if self.tag else self.out / "results"
+
+    def runs_dir(self) -> Path:
+        return self.out / "runs" / self.tag if self.tag else self.out / "runs"
 
 
 def say(line: str) -> None:
@@ -149,15 +170,71 @@ def sampled_data(b: Bench, paths: dict[str, Path]) -> None:
     done.touch()
 
 
-def student_stage(b: Bench) -> Path:
+def student_stage(b: Bench, paths: dict[str, Path]) -> Path:
+    """The student every method starts from: the teacher's layers chosen by `b.student`
+    (spread evenly, or by importance on calibration conversations), then optionally healed by
+    `b.heal_steps` of logit KD on the teacher's text."""
     from lmdistill.training.students import student_from_teacher
 
-    out = b.out / "students" / f"spread{b.layers}"
+    out = b.out / "students" / f"{b.student}{b.layers}"
     done = out.with_suffix(".done")  # config.json comes first: a crash could leave only it
     if not done.exists():
-        student_from_teacher(TEACHER, layers=b.layers, out_dir=out)
+        say(f"[student] {b.student}{b.layers}")
+        student_from_teacher(
+            TEACHER,
+            layers=b.layers,
+            out_dir=out,
+            selection=b.student,
+            calibration=calibration_texts(b, paths),
+            calibration_tokens=64,
+        )
         done.touch()
-    return out
+    if not b.heal_steps:
+        return out
+    healed = b.out / "students" / f"{b.student}{b.layers}-heal{b.heal_steps}"
+    raw = base_config(b, healed, out, paths["greedy"], seed=0)
+    raw["objectives"] = [logits("forward_kl", alpha=1.0)]
+    raw["teacher"] = {"cache": str(paths["cache"])}
+    raw["optim"] = {**raw["optim"], "steps": b.heal_steps}
+    say(f"[student] healing {b.student}{b.layers}: {b.heal_steps} logit-KD steps")
+    final, _, _ = train_run(raw, f"heal {b.student}{b.layers}")
+    return final
+
+
+def calibration_texts(b: Bench, paths: dict[str, Path]) -> list[str]:
+    """The first `b.calibration` training conversations (prompt + the teacher's greedy answer),
+    rendered with the chat template: the text an importance ranking reads."""
+    from transformers import AutoTokenizer
+
+    from lmdistill.models import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(TEACHER))
+    texts = []
+    for _, r in iter_jsonl(paths["greedy"]):
+        if r.get("split", "train") == "train" and len(texts) < b.calibration:
+            texts.append(tokenizer.apply_chat_template(r["messages"], tokenize=False))
+    return texts
+
+
+def start_scores(b: Bench, student: Path, paths: dict[str, Path]) -> dict[str, Any]:
+    """The untrained student's held-out scores and calibration KL (how healthy it starts)."""
+
+    from lmdistill.models import resolve_model_dir
+    from lmdistill.training import pruning
+    from lmdistill.training.students import load_model_dir, source_layers
+
+    out = b.results_dir() / "start.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    name = b.tag or f"spread{b.layers}"
+    say(f"[student] scoring the untrained student {name}")
+    result = {"construction": name, **scores(b, str(student), paths)}
+    teacher, tokenizer = load_model_dir(resolve_model_dir(TEACHER))
+    batch = pruning.calibration_batch(tokenizer, calibration_texts(b, paths), 64)
+    result["calibration_kl"] = pruning.student_kl(teacher, load_model_dir(student)[0], *batch)
+    result["layers"] = source_layers(b.out / "students" / f"{b.student}{b.layers}")
+    write_json_atomic(out, result)
+    return result
 
 
 # ------------------------------------------------------------------------------- methods
@@ -185,7 +262,7 @@ def logits(divergence: str, alpha: float = 0.5, **extra: Any) -> dict[str, Any]:
 def method_config(
     b: Bench, method: str, seed: int, paths: dict[str, Path], student: Path, sft_steps: int
 ) -> dict[str, Any]:
-    run_dir = b.out / "runs" / method / f"seed{seed}"
+    run_dir = b.runs_dir() / method / f"seed{seed}"
     raw = base_config(b, run_dir, student, paths["greedy"], seed)
     online = {"model": TEACHER}
     if method == "sft":
@@ -206,11 +283,13 @@ def method_config(
         raw["objectives"] = [logits("jsd", beta=0.5)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 0.5, "max_new_tokens": b.max_tokens}
-    elif method == "opd":
-        raw["student"] = {"model": str(b.out / "runs" / "sft" / f"seed{seed}" / "final")}
+    elif method in ("opd", "skd"):
+        raw["student"] = {"model": str(b.runs_dir() / "sft" / f"seed{seed}" / "final")}
         raw["objectives"] = [logits("reverse_kl", alpha=1.0)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 1.0, "max_new_tokens": b.max_tokens}
+        if method == "skd":
+            raw["on_policy"].update(proposal="speculative", teacher_top_k=25)
         raw["optim"] = {"lr": b.opd_lr, "warmup_steps": 0, "steps": b.opd_steps}
     else:
         raise SystemExit(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
@@ -227,7 +306,7 @@ def train_run(raw: dict[str, Any], name: str) -> tuple[Path, float, int]:
     if not timing.exists():
         start = time.perf_counter()
         train_unless_done(validate(raw, name))
-        steps = sum(1 for _, r in iter_jsonl(run_dir / "metrics.jsonl") if "loss" in r)
+        steps = sum(1 for _, r in read_jsonl_tolerant(run_dir / "metrics.jsonl") if "loss" in r)
         write_json_atomic(timing, {"seconds": time.perf_counter() - start, "steps": steps})
     t = json.loads(timing.read_text())
     return run_dir / "final", t["seconds"], t["steps"]
@@ -270,7 +349,7 @@ def scores(b: Bench, model: str, paths: dict[str, Path]) -> dict[str, Any]:
 
 
 def method_result(b: Bench, method: str, seed: int, paths, student, sft_steps) -> dict[str, Any]:
-    out = b.out / "results" / f"{method}-seed{seed}.json"
+    out = b.results_dir() / f"{method}-seed{seed}.json"
     if out.exists():
         return json.loads(out.read_text())
     if method == "seqkd":
@@ -374,8 +453,30 @@ def _teacher_task(results: dict[str, dict[int, dict]]) -> float | None:
     return None
 
 
+def start_summary(start: dict[str, Any]) -> dict[str, Any]:
+    """The untrained student's figures: construction, layers, calibration KL and held-out
+    ROUGE-L, top-1 and KL (per token, as in the table)."""
+    tokens = np.asarray(start["tokens"])
+    return {
+        "construction": start["construction"],
+        "layers": start.get("layers"),
+        "calibration_kl": start.get("calibration_kl"),
+        "rouge_l": float(np.mean(start["rouge_l"])),
+        "top1": float(np.sum(start["agree"]) / tokens.sum()),
+        "kl": float(np.sum(start["kl"]) / tokens.sum()),
+    }
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    head = (
+    start = summary.get("start")
+    intro = (
+        f"Student: {start['construction']} (teacher layers {start['layers']}); untrained, it "
+        f"starts at held-out KL {start['kl']:.2f} nats/token, top-1 {start['top1']:.3f}, "
+        f"ROUGE-L {start['rouge_l']:.3f} (calibration KL {start['calibration_kl']:.2f}).\n\n"
+        if start
+        else ""
+    )
+    head = intro + (
         "| method | seeds | steps | train min | ROUGE-L | top-1 | KL | "
         f"{TASK} (retention) | ROUGE-L − SFT | top-1 − SFT | KL − SFT |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -405,13 +506,18 @@ def headline(summary: dict[str, Any], seeds: tuple[int, ...]) -> dict[str, Any]:
     rows = [r for r in summary["rows"] if "vs_sft" in r]
     by = {r["method"]: r for r in summary["rows"]}
     best = max(rows, key=lambda r: r["vs_sft"]["rouge_l"]["low"], default=None)
-    opd = by.get("opd", {}).get("vs_sft", {}).get("rouge_l", {}).get("value")
+
+    def rouge_vs_sft(method: str) -> float | None:
+        value = by.get(method, {}).get("vs_sft", {}).get("rouge_l", {}).get("value")
+        return round(value, 4) if value is not None else None
+
     return {
         "best_method": best["method"] if best else None,
         "best_vs_sft_rouge_l": round(best["vs_sft"]["rouge_l"]["value"], 4) if best else None,
         "best_vs_sft_rouge_l_low": round(best["vs_sft"]["rouge_l"]["low"], 4) if best else None,
         "best_vs_sft_top1": round(best["vs_sft"]["top1"]["value"], 4) if best else None,
-        "opd_vs_sft_rouge_l": round(opd, 4) if opd is not None else None,
+        "opd_vs_sft_rouge_l": rouge_vs_sft("opd"),
+        "skd_vs_sft_rouge_l": rouge_vs_sft("skd"),
         "best_task_retention": round(max(r["task_retention"] for r in summary["rows"]), 3),
         "seeds": len(seeds),
         "minutes": round(summary["minutes"], 1),
@@ -422,7 +528,8 @@ def headline(summary: dict[str, Any], seeds: tuple[int, ...]) -> dict[str, Any]:
 def run(b: Bench, *, before: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     paths = data_stage(b)
-    student = student_stage(b)
+    student = student_stage(b, paths)
+    start = start_scores(b, student, paths)
     # SFT first (the others take its step count, and opd starts from its student), then one
     # method at a time over every seed, so a bench stopped early has whole methods to compare.
     order = ["sft", *[m for m in b.methods if m != "sft"]]
@@ -434,8 +541,10 @@ def run(b: Bench, *, before: Callable[[str, int], None] | None = None) -> dict[s
                 b, method, seed, paths, student, sft_steps
             )
     summary = summarize(b, results, (time.perf_counter() - started) / 60)
-    (b.out / "methods.md").write_text(markdown(summary))
-    write_json_atomic(b.out / "methods.json", summary)
+    summary["start"] = start_summary(start)
+    suffix = f"-{b.tag}" if b.tag else ""
+    (b.out / f"methods{suffix}.md").write_text(markdown(summary))
+    write_json_atomic(b.out / f"methods{suffix}.json", summary)
     return summary
 
 
@@ -449,6 +558,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--layers", type=int, default=7, help="teacher layers the student keeps")
     p.add_argument("--opd-steps", type=int, default=25, help="on-policy steps after SFT")
+    p.add_argument(
+        "--student",
+        choices=("spread", "importance"),
+        default="spread",
+        help="how the student keeps --layers of the teacher's: spread evenly, or by importance "
+        "(iterative removal by KL on calibration conversations, Minitron-style)",
+    )
+    p.add_argument(
+        "--heal-steps", type=int, default=0, help="logit-KD steps on the teacher's text first"
+    )
     p.add_argument("--progress", action="store_true", help="progress bars")
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
@@ -463,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         layers=a.layers,
         opd_steps=a.opd_steps,
         progress=a.progress,
+        student=a.student,
+        heal_steps=a.heal_steps,
     )
     summary = run(b)
     print(markdown(summary))

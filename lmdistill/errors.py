@@ -1,9 +1,11 @@
 """Errors a user can fix. The CLI prints each line of one (a `RecipeError` has a line per
-problem) after the command's name, without a traceback."""
+problem) after the command's name, without a traceback. `say` is the one way a stage tells the
+user something that is not an error (progress, a warning), one line on stderr."""
 
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,3 +47,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean X?)' for the closest of `choices` to a mistyped `word`, else ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def say(line: str) -> None:
+    """One line to the user on stderr, flushed at once (stdout stays for a command's result)."""
+    print(line, file=sys.stderr, flush=True)

@@ -9,7 +9,8 @@ A Hub name is resolved by `huggingface_hub`: downloaded into the HF cache when o
 that cache when offline (`HF_HUB_OFFLINE=1`, or when the Hub cannot be reached). `@REVISION` (a
 branch, tag or commit) pins the revision; without it the cache's `main` is used. An existing local
 path always wins over a Hub name of the same spelling (`models/student` is a dir when it exists).
-Teachers, students, `eval --model` and `serve --model` all resolve through here.
+Teachers, students, `eval --model` and `serve --model` all resolve through here. A model whose
+tokenizer has no chat template gets a plain one (`ensure_chat_template`).
 """
 
 from __future__ import annotations
@@ -155,3 +156,31 @@ def _hub_call(name: HubName, call: Callable[..., str]) -> Path:
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"model '{name}': its snapshot ({path}) has no config.json (not a model?)")
     return path
+
+
+# For teachers whose tokenizer has no chat template (base models such as Gemma 3 270M): a plain
+# "User: ... / Assistant: ..." transcript, opened with the BOS token (Gemma needs it; the text is
+# tokenized with add_special_tokens=False everywhere in lmdistill) and closing each assistant turn
+# with EOS. The generation prompt is "Assistant:", and the response follows after one space, so a
+# prompt rendered for generation is a prefix of the rendered conversation (what the loss masks need).
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token or '' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + (eos_token or '') + '\n\n' }}"
+    "{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\n\n' }}"
+    "{% else %}"
+    "{{ message['role'] | capitalize + ': ' + message['content'] + '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give `tokenizer` the plain template when it has none. True when it was added."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    return True

@@ -396,8 +396,9 @@ def arithmetic(
     """(prompt, split): the quickstart's verifiable task's own questions (reasoning-gym
     arithmetic_1digit, asked with its instruction), so what the student is trained on is what it
     is tested on: 94 from the task's train split, 36 from its test split (the two splits never
-    share a question). Measured: with 'What is a + b?' prompts instead, the students scored 0 to
-    2.5% on the task; with these, 8.75% (teacher 65%)."""
+    share a question). Measured when this was chosen: with 'What is a + b?' prompts instead, the
+    students scored 0 to 2.5% on the task; with these, 6.2% (KD) and 7.5% (SFT-only) in the
+    README's run of 2026-11-28 (teacher 65%)."""
     from lmdistill.tasks import get_task
 
     task = get_task("arithmetic_1digit")

@@ -26,8 +26,8 @@ def test_every_methods_training_recipe_validates(tmp_path: Path, method: str):
         method,
     )
     if method != "sft":  # the same optimizer steps as SFT (opd: its own continuation)
-        assert config.optim.steps == (bench.opd_steps if method == "opd" else 78)
-    assert (config.on_policy is not None) == (method in ("gkd", "opd"))
+        assert config.optim.steps == (bench.opd_steps if method in ("opd", "skd") else 78)
+    assert (config.on_policy is not None) == (method in ("gkd", "opd", "skd"))
 
 
 def fake_run(method: str, seed: int, rouge: np.ndarray, agree: np.ndarray) -> dict:
@@ -73,6 +73,7 @@ def test_the_table_calls_a_consistent_gain_better_a_loss_worse_and_noise_a_tie()
         "best_vs_sft_rouge_l_low",
         "best_vs_sft_top1",
         "opd_vs_sft_rouge_l",
+        "skd_vs_sft_rouge_l",
         "best_task_retention",
         "seeds",
         "minutes",
@@ -81,3 +82,26 @@ def test_the_table_calls_a_consistent_gain_better_a_loss_worse_and_noise_a_tie()
     assert line["best_task_retention"] == 1.0 and line["seeds"] == 3
     json.dumps(line)
     assert "| up | 3 |" in methods.markdown(summary)
+
+
+def test_a_student_construction_other_than_the_default_gets_its_own_results_and_runs():
+    plain = methods.Bench(out=Path("o"), seeds=(0,), methods=())
+    assert plain.tag == "" and plain.results_dir() == Path("o/results")
+    healthy = methods.Bench(
+        out=Path("o"), seeds=(0,), methods=(), student="importance", heal_steps=20
+    )
+    assert healthy.tag == "importance7-heal20"
+    assert healthy.results_dir() == Path("o/results/importance7-heal20")
+    assert healthy.runs_dir() == Path("o/runs/importance7-heal20")
+    start = {
+        "construction": "importance7",
+        "layers": [0, 1, 2],
+        "calibration_kl": 3.5,
+        "rouge_l": [0.2, 0.4],
+        "agree": [1.0, 3.0],
+        "kl": [4.0, 8.0],
+        "tokens": [2.0, 6.0],
+    }
+    s = methods.start_summary(start)
+    assert s["top1"] == pytest.approx(0.5) and s["kl"] == pytest.approx(1.5)
+    assert "starts at held-out KL 1.50" in methods.markdown({"rows": [], "start": s})

@@ -1,4 +1,4 @@
-"""`lmdistill plan` (lmdistill.planner): its memory estimate against the measured peak of real
+"""`lmdistill plan` (lmdistill.pipelines.planner): its memory estimate against the measured peak of real
 training runs on this CPU machine, and its command line.
 
 How the peak is measured: each run is a fresh Python process that imports everything, writes its
@@ -38,7 +38,7 @@ def child(spec: dict) -> dict:
     from tiny import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmdistill.planner import shape_from_config, train_memory
+    from lmdistill.pipelines.planner import shape_from_config, train_memory
     from lmdistill.training.config import TrainConfig
     from lmdistill.training.loop import Trainer
 
@@ -137,7 +137,7 @@ def _write_train_recipe(tmp_path: Path, model_dir: Path, **extra) -> Path:
 def test_parameter_counts_come_from_the_config_alone(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM
 
-    from lmdistill.planner import model_config, shape_from_config
+    from lmdistill.pipelines.planner import model_config, shape_from_config
 
     real = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     shape = shape_from_config(model_config(str(tiny_model_dir)))
@@ -166,7 +166,7 @@ def test_plan_gives_each_strategy_its_memory_fit_tokens_and_hours(tmp_path, tiny
 
 def test_plan_prices_an_api_teacher(tmp_path, tiny_model_dir, capsys):
     from lmdistill.cli import main
-    from lmdistill.planner import count_records
+    from lmdistill.pipelines.planner import count_records
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))

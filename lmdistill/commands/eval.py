@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     from lmdistill.eval.base import EvalSettings
     from lmdistill.eval.report import write_report
     from lmdistill.eval.runner import evaluate
-    from lmdistill.pipelines.generate import Prices
+    from lmdistill.teachers.base import Prices
 
     settings = EvalSettings(
         limit=args.limit,
@@ -106,8 +106,6 @@ def main(args: argparse.Namespace) -> int:
     )
     prices = None
     if args.price_input is not None or args.price_output is not None:
-        if (args.price_input or 0) < 0 or (args.price_output or 0) < 0:
-            raise UserError("prices must be >= 0 USD per million tokens")
         prices = Prices(args.price_input or 0.0, args.price_output or 0.0)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

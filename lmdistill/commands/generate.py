@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-from lmdistill.errors import UserError
 
 DESCRIPTION = """\
 Generate teacher responses for a set of prompts, one record per (prompt, sample).
@@ -126,43 +123,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
-def teacher_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """The spec and constructor options for `load_teacher`: only the options the user gave, so each
-    teacher keeps its own defaults and one it does not take is reported by name."""
-    from lmdistill.teachers.registry import is_api_spec
-
-    spec = args.teacher
-    given = {
-        "api_key_env": args.api_key_env,
-        "concurrency": args.concurrency,
-        "max_retries": args.max_retries,
-        "retry_base_delay_s": args.retry_base_delay,
-        "timeout_s": args.timeout,
-        "batch_size": args.batch_size,
-    }
-    options = {key: value for key, value in given.items() if value is not None}
-    if args.top_logprobs > 0 and is_api_spec(spec):
-        options["logprobs"] = True
-    if args.base_url is not None:
-        if not spec.startswith("openai:"):
-            raise UserError(
-                "--base-url goes with --teacher openai:MODEL (a URL teacher is its own base URL)"
-            )
-        if not args.base_url.startswith(("http://", "https://")):
-            raise UserError(
-                f"--base-url must start with http:// or https://, got '{args.base_url}'"
-            )
-        # openai:MODEL at another endpoint is the URL form with the model named.
-        options["model"] = spec.removeprefix("openai:")
-        spec = args.base_url
-    return spec, options
-
-
 def main(args: argparse.Namespace) -> int:
     from lmdistill.data.records import field_map
-    from lmdistill.pipelines.generate import Prices, generate, read_prompts
+    from lmdistill.pipelines.generate import generate, read_prompts, teacher_spec
     from lmdistill.pipelines.response_cache import ResponseCache, default_cache_path
-    from lmdistill.teachers.base import SamplingParams
+    from lmdistill.teachers.base import Prices, SamplingParams
     from lmdistill.teachers.registry import load_teacher
 
     params = SamplingParams(
@@ -175,12 +140,27 @@ def main(args: argparse.Namespace) -> int:
     )
     # Cheap checks first: a bad prompts file should not wait for a model to load.
     prompts = read_prompts(args.prompts, field_map(args.fields))
-    spec, options = teacher_options(args)
-    teacher = load_teacher(spec, **options)
-    cache = None if args.no_cache else ResponseCache(args.cache or default_cache_path())
+    given = {
+        "api_key_env": args.api_key_env,
+        "concurrency": args.concurrency,
+        "max_retries": args.max_retries,
+        "retry_base_delay_s": args.retry_base_delay,
+        "timeout_s": args.timeout,
+        "batch_size": args.batch_size,
+    }
+    # Only the options the user gave: each teacher keeps its own defaults, and one it does not
+    # take is reported by name.
+    spec, options = teacher_spec(
+        args.teacher,
+        {key: value for key, value in given.items() if value is not None},
+        base_url=args.base_url,
+        top_logprobs=args.top_logprobs,
+    )
     prices = None
     if args.price_input is not None or args.price_output is not None:
         prices = Prices(args.price_input or 0.0, args.price_output or 0.0)
+    teacher = load_teacher(spec, **options)
+    cache = None if args.no_cache else ResponseCache(args.cache or default_cache_path())
     try:
         summary = generate(
             teacher,
@@ -199,11 +179,7 @@ def main(args: argparse.Namespace) -> int:
     print(summary.report())
     if summary.complete:
         return 0
-    if summary.generated + summary.cached == 0 and set(summary.failed) == {"connection"}:
-        raise UserError(
-            f"cannot reach teacher {teacher.name}: every request failed to connect, even after "
-            f"retries; start the server or fix the URL, then rerun (failures: {summary.failed_path})"
-        )
+    summary.check_reachable(teacher.name)
     print(
         f"lmdistill generate: {summary.failed_samples} samples failed; "
         "run the same command again to retry them",

@@ -1,5 +1,5 @@
 """`lmdistill plan RECIPE.yaml --gpus N --gpu-memory GiB`: memory, fit, tokens, hours and API spend
-of a recipe before GPUs are booked (`lmdistill.planner`)."""
+of a recipe before GPUs are booked (`lmdistill.pipelines.planner`)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmdistill.planner import PlanSettings, format_plan, plan_recipe
+    from lmdistill.pipelines.planner import PlanSettings, format_plan, plan_recipe
 
     settings = PlanSettings(
         gpus=args.gpus,

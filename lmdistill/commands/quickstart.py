@@ -9,7 +9,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quickstart",
-        help="distill the bundled teacher into a 4x smaller student and report what it kept",
+        help="distill the bundled teacher into a 7-layer student and report what it kept",
         description=(
             "Distill the bundled SmolLM2-135M-Instruct teacher into a student built from 7 of its "
             "30 layers: teacher responses to the bundled prompts and an offline cache of its top-32 "

@@ -26,33 +26,7 @@ from torch import Tensor
 
 from lmdistill.data.records import FieldMap
 from lmdistill.data.sft import IGNORE_INDEX, ByRecord, Example, MicroBatch, load_examples
-
-# For teachers whose tokenizer has no chat template (base models such as Gemma 3 270M): a plain
-# "User: ... / Assistant: ..." transcript, opened with the BOS token (Gemma needs it; the text is
-# tokenized with add_special_tokens=False everywhere in lmdistill) and closing each assistant turn
-# with EOS. The generation prompt is "Assistant:", and the response follows after one space, so a
-# prompt rendered for generation is a prefix of the rendered conversation (what the loss masks need).
-PLAIN_CHAT_TEMPLATE = (
-    "{{ bos_token or '' }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + (eos_token or '') + '\n\n' }}"
-    "{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\n\n' }}"
-    "{% else %}"
-    "{{ message['role'] | capitalize + ': ' + message['content'] + '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give `tokenizer` the plain template when it has none. True when it was added."""
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    return True
+from lmdistill.models import ensure_chat_template
 
 
 def response_positions(example: Example) -> list[int]:

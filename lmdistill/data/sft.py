@@ -18,7 +18,6 @@ that no real token attends to.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from array import array
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmdistill.data import Message
 from lmdistill.data.records import FieldMap, iter_records, source_digest
 from lmdistill.data.tokens import (
     TokenArrays,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from lmdistill.data.cross_tokenizer import TeacherRows
 
 IGNORE_INDEX = -100
-Message = dict[str, Any]
 
 
 class Conversation(list):
@@ -543,15 +542,6 @@ def record_answer_start(
             field="answer_start",
         )
     return answer_start
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (an offline cache records which data file it was made from)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ packing

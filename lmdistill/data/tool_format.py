@@ -22,7 +22,7 @@ fallback  a plain chat any template renders (the Hermes / Qwen2.5 text conventio
             per result; consecutive results share one turn). A user turn, not a "tool" role:
             ChatML models like SmolLM2 never saw a "tool" role, and some templates refuse one.
 
-The tool loop (`lmdistill.skills.tools.run_tool_loop`) prompts with the same rendering and
+The tool loop (`lmdistill.skills.tool_use.run_tool_loop`) prompts with the same rendering and
 `parse_tool_calls` reads both conventions back, so what a model is asked to write at generation
 time is exactly what it is trained to write. Only assistant turns carry the loss (the call text
 and the final answer); tool results are prompt, so the model never learns to invent them.
@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, Any]
+from lmdistill.data import Message
+
 ToolSchema = dict[str, Any]
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

@@ -22,22 +22,13 @@ from typing import Any
 from lmdistill.errors import UserError
 from lmdistill.eval.results import ModelTaskResult
 from lmdistill.store.atomic import write_json_atomic
+from lmdistill.store.digest import file_digest
 from lmdistill.teachers.bundled import BUNDLED_NAMES
 from lmdistill.teachers.registry import is_api_spec
 
 # Bump when the stored format or the meaning of a metric changes: old entries then never match.
 CACHE_VERSION = 1
 _HASHED_FILE_BYTES = 16 * 1024 * 1024  # files up to this size are hashed by content
-_CHUNK = 1024 * 1024
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's content, hex."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_dir(spec: str) -> Path | None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.errors import UserError
-from lmdistill.pipelines.generate import Prices
+from lmdistill.teachers.base import Prices
 
 # Short held-out prompts of the bundled prompt set: the same for every model.
 COST_PROMPTS: tuple[str, ...] = (

@@ -23,10 +23,10 @@ from typing import Any
 
 from lmdistill.errors import UserError
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
-from lmdistill.eval.cache import file_digest
 from lmdistill.eval.results import ModelTaskResult, Score
 from lmdistill.eval.stats import bootstrap_mean_interval, pass_at_k
 from lmdistill.skills.reasoning import TEMPLATES, ask
+from lmdistill.store.digest import file_digest
 from lmdistill.tasks.base import Example, Split, Task
 from lmdistill.tasks.humaneval import HumanEval
 from lmdistill.tasks.jsonl import JsonlTask

@@ -47,7 +47,7 @@ def parse_lm_eval_output(
     }
     if samples:
         return _from_samples(samples, settings)
-    return _from_aggregates(output.get("results") or {}, task, settings)
+    return _from_aggregates(output, task, settings)
 
 
 def _numeric(value: Any) -> bool:
@@ -78,21 +78,30 @@ def _from_samples(
 
 
 def _from_aggregates(
-    results: dict[str, dict[str, Any]], task: str, settings: EvalSettings
+    output: dict[str, Any], task: str, settings: EvalSettings
 ) -> tuple[str, dict[str, Score], list[str], list[float]]:
-    table = results.get(task)
+    """Scores from lm-eval's aggregate table: a normal interval from the harness's standard error;
+    a metric it gives none for (absent, or "N/A") is a "point" score, shown without an interval
+    rather than with a zero-width one. n: the documents lm-eval scored (`n-samples`), 0 when it
+    does not say (a group)."""
+    table = (output.get("results") or {}).get(task)
     if not table:
         raise UserError(f"lm-eval returned no results for task '{task}'")
+    counts = (output.get("n-samples") or {}).get(task) or {}
+    n = counts.get("effective", counts.get("original", 0)) if isinstance(counts, dict) else 0
+    n = int(n) if _numeric(n) else 0
     z = NormalDist().inv_cdf(0.5 + settings.confidence / 2)
     metrics: dict[str, Score] = {}
     for key, value in table.items():
         name, _, _filter = key.partition(",")
         if name.endswith("_stderr") or not _numeric(value) or name in metrics:
             continue
+        value = float(value)
         stderr = table.get(f"{name}_stderr,{_filter}" if _filter else f"{name}_stderr")
-        half = z * stderr if _numeric(stderr) else 0.0
-        n = int(table.get("samples", 0) or 0)
-        metrics[name] = Score(float(value), float(value) - half, float(value) + half, n, "stderr")
+        if _numeric(stderr) and stderr > 0:
+            metrics[name] = Score(value, value - z * stderr, value + z * stderr, n, "stderr")
+        else:
+            metrics[name] = Score(value, value, value, n, "point")
     if not metrics:
         raise UserError(f"lm-eval reported no numeric metric for task '{task}'")
     primary = next((m for m in PREFERRED_METRICS if m in metrics), next(iter(metrics)))

@@ -44,7 +44,6 @@ from typing import Any, Literal
 from lmdistill.data.jsonl import iter_jsonl
 from lmdistill.errors import InputError, UserError
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
-from lmdistill.eval.cache import file_digest
 from lmdistill.eval.likelihood import (
     ScoringModel,
     as_scoring_model,
@@ -54,6 +53,7 @@ from lmdistill.eval.likelihood import (
     plan_batches,
 )
 from lmdistill.eval.results import ModelTaskResult, Score
+from lmdistill.store.digest import file_digest
 from lmdistill.tasks.base import seeded_subset
 from lmdistill.teachers.base import Message, Teacher
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,7 +27,12 @@ from typing import Any
 from lmdistill.data.jsonl import write_jsonl_atomic
 from lmdistill.eval.compare import compare
 from lmdistill.eval.results import ROLES, EvalResults, Score, TaskResult
-from lmdistill.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from lmdistill.store.atomic import (
+    read_jsonl_tolerant,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 _ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#d62728", "baseline": "#7f7f7f"}
 _EXTRA_COLOURS = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2")
@@ -416,20 +420,9 @@ def plot_retention_vs_size(results: EvalResults) -> bytes | None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a training run's metrics.jsonl (unreadable lines skipped: a run being
-    written may end in a partial line)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a training run's metrics.jsonl, through the one tolerant reader: a run
+    being written (or killed) may end in a partial line, dropped here without a warning."""
+    return [r for _, r in read_jsonl_tolerant(run_dir / "metrics.jsonl", warn=lambda _: None)]
 
 
 def _curve_order(name: str) -> tuple[int, str]:

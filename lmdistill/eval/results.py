@@ -26,7 +26,9 @@ class Score:
     low: float
     high: float
     n: int
-    method: str  # "wilson", "bootstrap", "ratio-bootstrap", "stderr", "exact"
+    # "wilson", "bootstrap", "ratio-bootstrap", "stderr", "exact"; "point": a value with no
+    # interval (low == high == value), shown without one.
+    method: str
 
     @classmethod
     def of_mean(cls, scores: list[float], *, confidence: float, seed: int) -> Score:

@@ -29,7 +29,6 @@ none; once loaded, a model stays loaded until the end of the run.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill import __version__
-from lmdistill.errors import UserError, did_you_mean
+from lmdistill.errors import UserError, did_you_mean, say
 from lmdistill.eval import cost as cost_module
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
@@ -49,10 +48,9 @@ from lmdistill.eval.results import ROLES, EvalResults, ModelInfo, ModelTaskResul
 from lmdistill.eval.stats import retention_interval
 from lmdistill.eval.teacher_relative import BUNDLED_PROMPTS, TeacherRelativeEval
 from lmdistill.eval.tool_use import ToolUseEval, is_tool_use_spec
-from lmdistill.pipelines.generate import Prices
 from lmdistill.tasks import get_task, task_names
 from lmdistill.tasks.base import Task
-from lmdistill.teachers.base import Teacher
+from lmdistill.teachers.base import Prices, Teacher
 from lmdistill.teachers.registry import is_api_spec, load_teacher
 
 TEMPLATE_PREFIX = "template:"
@@ -68,10 +66,6 @@ EVAL_FORMS: tuple[str, ...] = (
     "tool-use[:TASK][:tools=NAME+NAME...][:turns=N]",
 )
 Log = Callable[[str], None]
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def known_task_names() -> list[str]:
@@ -224,7 +218,7 @@ def evaluate(
     measure_cost: bool = True,
     cost_tokens: int = cost_module.DEFAULT_NEW_TOKENS,
     run_dir: str | Path | None = None,
-    log: Log | None = _stderr,
+    log: Log | None = say,
 ) -> EvalResults:
     """Evaluate `model` (the student) and, when given, its `teacher` (loaded with
     `teacher_options`, e.g. a server's base_url) and a `baseline` (e.g. the

@@ -52,7 +52,6 @@ import torch
 from lmdistill.data.jsonl import chat_messages, iter_jsonl
 from lmdistill.errors import InputError, UserError
 from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
-from lmdistill.eval.cache import file_digest
 from lmdistill.eval.generation import GenerationEval, generate_responses
 from lmdistill.eval.likelihood import (
     DEFAULT_TOKEN_BUDGET,
@@ -67,6 +66,7 @@ from lmdistill.eval.results import ModelTaskResult, Score
 from lmdistill.eval.rouge import rouge_l
 from lmdistill.eval.stats import bootstrap_mean_interval, retention_interval
 from lmdistill.losses.divergences import soft_term
+from lmdistill.store.digest import file_digest
 from lmdistill.tasks.base import Task, seeded_subset
 from lmdistill.teachers.base import Capability, Generation, GenerationResult, Message, Teacher
 from lmdistill.teachers.bundled import BUNDLED_NAMES

@@ -40,9 +40,9 @@ from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
 from lmdistill.eval.generation import GenerationEval
 from lmdistill.eval.results import ModelTaskResult, Score
 from lmdistill.skills.tool_use import TOOL_METRIC_NAMES, check_trace, run_tool_loops, trace_scores
-from lmdistill.skills.tools import ToolRegistry, default_tools, tool_subset
 from lmdistill.tasks.base import Example, Task
 from lmdistill.tasks.registry import get_task
+from lmdistill.tasks.tools import ToolRegistry, default_tools, tool_subset
 from lmdistill.teachers.base import Teacher
 
 PREFIX = "tool-use"

@@ -29,18 +29,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmdistill import __version__
 from lmdistill.data.jsonl import (
     JsonlAppender,
     chat_messages,
     describe,
     read_appended,
-    write_json_atomic,
 )
 from lmdistill.data.records import FieldMap, first_record, iter_records
 from lmdistill.errors import InputError, UserError
 from lmdistill.pipelines.response_cache import ResponseCache, request_key
-from lmdistill.teachers.base import Generation, GenerationResult, Message, SamplingParams, Teacher
+from lmdistill.store.settings import check_settings, side_path, write_settings
+from lmdistill.teachers.base import (
+    Generation,
+    GenerationResult,
+    Message,
+    Prices,
+    SamplingParams,
+    Teacher,
+    sampling_dict,
+)
 
 META_FORMAT = "lmdistill.generate/1"
 # Fields of an output record; an input field with one of these names would be overwritten.
@@ -73,17 +80,6 @@ class Prompt:
     line: int
 
 
-@dataclass(frozen=True)
-class Prices:
-    """USD per million tokens, for the cost estimate."""
-
-    input_per_m: float = 0.0
-    output_per_m: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_m + completion_tokens * self.output_per_m) / 1e6
-
-
 @dataclass
 class GenerateSummary:
     """What a run did. Token counts and cost cover only requests sent in this run."""
@@ -105,6 +101,16 @@ class GenerateSummary:
     def complete(self) -> bool:
         return self.failed_samples == 0
 
+    def check_reachable(self, teacher: str) -> None:
+        """A UserError when nothing came back and every failure was a connection failure: the
+        teacher's server is not there, which retrying later will not fix by itself."""
+        if self.generated + self.cached == 0 and set(self.failed) == {"connection"}:
+            raise UserError(
+                f"cannot reach teacher {teacher}: every request failed to connect, even after "
+                f"retries; start the server or fix the URL, then rerun (failures: "
+                f"{self.failed_path})"
+            )
+
     def report(self) -> str:
         """A few lines for the terminal."""
         done = self.already_done + self.cached + self.generated
@@ -125,9 +131,27 @@ class GenerateSummary:
         return "\n".join(lines)
 
 
-def side_path(out_path: Path, suffix: str) -> Path:
-    """OUT.meta.json, OUT.failed.jsonl: files that belong to an output file."""
-    return out_path.with_name(out_path.name + suffix)
+def teacher_spec(
+    spec: str, options: dict[str, Any], *, base_url: str | None = None, top_logprobs: int = 0
+) -> tuple[str, dict[str, Any]]:
+    """The spec and constructor options `load_teacher` gets for generating: an API teacher asked
+    for top log-probs declares them, and openai:MODEL at another endpoint (`base_url`) is the
+    URL form with the model named."""
+    from lmdistill.teachers.registry import is_api_spec
+
+    options = dict(options)
+    if top_logprobs > 0 and is_api_spec(spec):
+        options["logprobs"] = True
+    if base_url is not None:
+        if not spec.startswith("openai:"):
+            raise UserError(
+                "--base-url goes with --teacher openai:MODEL (a URL teacher is its own base URL)"
+            )
+        if not base_url.startswith(("http://", "https://")):
+            raise UserError(f"--base-url must start with http:// or https://, got '{base_url}'")
+        options["model"] = spec.removeprefix("openai:")
+        spec = base_url
+    return spec, options
 
 
 # ------------------------------------------------------------------------------------ input
@@ -228,72 +252,8 @@ def with_system(messages: list[Message], system: str | None) -> list[Message]:
 # ------------------------------------------------------------------------------- output file
 
 
-def sampling_dict(params: SamplingParams) -> dict[str, Any]:
-    """The settings that determine a response (what a record and the meta file store)."""
-    settings = dataclasses.asdict(params)
-    if not settings["top_logprobs"]:
-        del settings["top_logprobs"]
-    return settings
-
-
 def _settings(teacher: Teacher, params: SamplingParams, system: str | None) -> dict[str, Any]:
     return {"teacher": teacher.name, "sampling": sampling_dict(params), "system": system}
-
-
-def check_settings(
-    out_path: Path,
-    settings: dict[str, Any],
-    *,
-    meta_format: str = META_FORMAT,
-    writer: str = "lmdistill generate",
-) -> None:
-    """Refuse to continue OUT with other settings than it was made with: a file mixing two
-    temperatures or two teachers would be silently wrong training data.
-
-    Every key of `settings` is compared with OUT.meta.json (`sampling` field by field); the meta
-    file must have `meta_format`, as written by `writer` (named in the messages)."""
-    meta_path = side_path(out_path, ".meta.json")
-    if not meta_path.exists():
-        if out_path.exists() and out_path.stat().st_size > 0:
-            raise UserError(
-                f"{out_path} exists but was not written by {writer} (no {meta_path.name}); "
-                "use another --out, or --overwrite to replace it"
-            )
-        return
-    try:
-        saved = json.loads(meta_path.read_text(encoding="utf-8"))
-        if not isinstance(saved, dict) or saved.get("format") != meta_format:
-            raise ValueError(f"not a {writer} meta file")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{meta_path}: unreadable ({exc}); use --overwrite to start over") from None
-    old = _flat_settings({key: saved.get(key) for key in settings})
-    new = _flat_settings(settings)
-    changed = [
-        f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key)
-    ]
-    if changed:
-        raise UserError(
-            f"{out_path} was made with other settings ({', '.join(changed)}); rerun with the "
-            "same settings to continue it, or use another --out, or --overwrite to start over"
-        )
-
-
-def _flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings with the `sampling` fields lifted to the top level, for comparing."""
-    flat = {key: value for key, value in settings.items() if key != "sampling"}
-    return {**flat, **(settings.get("sampling") or {})}
-
-
-def write_settings(
-    out_path: Path, settings: dict[str, Any], *, meta_format: str = META_FORMAT
-) -> None:
-    """Write OUT.meta.json: the settings OUT is made with, which `check_settings` reads back."""
-    write_json_atomic(
-        side_path(out_path, ".meta.json"),
-        {"format": meta_format, **settings, "lmdistill_version": __version__},
-    )
 
 
 def _done_pairs(out_path: Path) -> set[tuple[str, int]]:
@@ -382,7 +342,7 @@ def generate(
     failed_path = side_path(out_path, ".failed.jsonl")
     settings = _settings(teacher, params, system)
     if not overwrite:
-        check_settings(out_path, settings)
+        check_settings(out_path, settings, meta_format=META_FORMAT, writer="lmdistill generate")
 
     with JsonlAppender(out_path) as out:
         if overwrite:
@@ -391,7 +351,7 @@ def generate(
             done: set[tuple[str, int]] = set()
         else:
             done = _done_pairs(out_path)
-        write_settings(out_path, settings)
+        write_settings(out_path, settings, meta_format=META_FORMAT)
         identity = teacher.cache_identity()
         if identity is None:
             cache = None  # e.g. a local model dir, whose weights may change under the same name

@@ -41,8 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lmdistill.data.jsonl import write_json_atomic, write_jsonl_atomic
 from lmdistill.data.records import Fields, field_map, source_digest, source_exists
-from lmdistill.errors import RecipeError, UserError
+from lmdistill.errors import RecipeError, UserError, say
 from lmdistill.store.atomic import atomic_dir, is_whole_dir, write_bytes_atomic, write_text_atomic
+from lmdistill.store.settings import changed_settings
 
 STAGES = ("prompts", "generate", "filter", "cache_logits", "train", "eval", "report")
 STATE_FORMAT = "lmdistill.run/1"
@@ -160,7 +161,7 @@ class RunRecipe(_Strict):
                 )
             if self.generate.n > 1:
                 raise ValueError("generate.n: the tool loop makes one trace per prompt")
-            from lmdistill.skills.tools import tool_subset
+            from lmdistill.tasks.tools import tool_subset
 
             try:
                 tool_subset(self.generate.tools)  # unknown tool names fail at load
@@ -320,7 +321,7 @@ class Stage:
 
 def plan(recipe: RunRecipe, source: str = "recipe") -> list[Stage]:
     """The recipe's stages, in order."""
-    from lmdistill.pipelines.generate import side_path
+    from lmdistill.store.settings import side_path
 
     paths = Paths(Path(recipe.run_dir))
     stages: list[Stage] = []
@@ -474,7 +475,8 @@ def _load_teacher(recipe: RunRecipe, **extra: Any):
 
 
 def run_generate(recipe: RunRecipe, paths: Paths) -> str:
-    from lmdistill.pipelines.generate import read_prompts, side_path
+    from lmdistill.pipelines.generate import read_prompts
+    from lmdistill.store.settings import side_path
     from lmdistill.teachers import SamplingParams
 
     g = recipe.generate
@@ -486,8 +488,8 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
     try:
         if g.tools is not None:  # [] = all the tools
             from lmdistill.skills.tool_use import GENERATION_FAILED, generate_tool_traces
-            from lmdistill.skills.tools import tool_subset
             from lmdistill.tasks.registry import get_task
+            from lmdistill.tasks.tools import tool_subset
 
             p = recipe.prompts
             assert p is not None and p.task is not None
@@ -515,6 +517,7 @@ def run_generate(recipe: RunRecipe, paths: Paths) -> str:
             summary = generate(
                 teacher, read_prompts(paths.prompts), paths.responses, params, system=g.system
             )
+            summary.check_reachable(teacher.name)
             if summary.failed:
                 raise UserError(
                     f"generate: {sum(summary.failed.values())} prompts failed "
@@ -536,7 +539,7 @@ def run_filter(recipe: RunRecipe, paths: Paths, task_spec: str | None) -> str:
     assert f is not None and recipe.generate is not None
     if recipe.generate.tools is not None:
         from lmdistill.skills.tool_use import filter_tool_traces
-        from lmdistill.skills.tools import tool_subset
+        from lmdistill.tasks.tools import tool_subset
 
         task = get_task(task_spec) if task_spec else None
         stats = filter_tool_traces(
@@ -623,7 +626,7 @@ def launch_training(config, launch: Launch, recipe_path: Path, *, resume: bool) 
 
     write_text_atomic(recipe_path, dump(config))
     command = launch_command(launch, recipe_path, resume=resume)
-    _say("  " + " ".join(command[2:]))
+    say("  " + " ".join(command[2:]))
     if subprocess.run(command).returncode != 0:
         raise UserError(f"train: `accelerate launch` failed (see above); recipe {recipe_path}")
 
@@ -714,7 +717,14 @@ class RunResult:
 def fingerprints(stages: list[Stage], *, missing_ok: bool = False) -> dict[str, str]:
     """Each stage's fingerprint: its settings, the user files it reads (by content) and the
     fingerprints of the stages it reads, so a change upstream changes everything downstream."""
-    out: dict[str, str] = {}
+    return {name: _digest(inputs) for name, inputs in stage_inputs(stages, missing_ok).items()}
+
+
+def stage_inputs(stages: list[Stage], missing_ok: bool = False) -> dict[str, dict[str, Any]]:
+    """What each stage's fingerprint hashes, as JSON values: saved with the stage's state, so a
+    re-run can say which of them changed (`changed_settings`)."""
+    out: dict[str, dict[str, Any]] = {}
+    prints: dict[str, str] = {}
     for stage in stages:
         files = {}
         for path in stage.files:
@@ -728,11 +738,27 @@ def fingerprints(stages: list[Stage], *, missing_ok: bool = False) -> dict[str, 
             "stage": stage.name,
             "settings": stage.settings,
             "files": files,
-            "reads": {name: out[name] for name in stage.reads if name in out},
+            "reads": {name: prints[name] for name in stage.reads if name in prints},
         }
-        text = json.dumps(payload, sort_keys=True, default=str)
-        out[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        out[stage.name] = json.loads(json.dumps(payload, sort_keys=True, default=str))
+        prints[stage.name] = _digest(out[stage.name])
     return out
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _changed_inputs(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """'max_tokens, prompts.jsonl' for what differs between two `stage_inputs` entries: settings
+    by key, files by name, an upstream stage by name; at most three, then '...'."""
+    names = []
+    for key in changed_settings(before, now):
+        kind, _, rest = key.partition(".")
+        names.append(Path(rest).name if kind == "files" else rest or kind)
+    names = list(dict.fromkeys(names))
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -772,7 +798,7 @@ def decide(
     return actions
 
 
-def _reason(action: str, stage: str, state: dict[str, Any], prints: dict[str, str]) -> str:
+def _reason(action: str, stage: str, state: dict[str, Any], inputs: dict[str, Any]) -> str:
     prev = state.get(stage)
     if action == "skip":
         return "skipped (unchanged)"
@@ -780,7 +806,9 @@ def _reason(action: str, stage: str, state: dict[str, Any], prints: dict[str, st
         return "resume (interrupted)"
     if prev is None:
         return "run (new)"
-    if prev.get("fingerprint") != prints[stage]:
+    if prev.get("fingerprint") != _digest(inputs[stage]):
+        if isinstance(prev.get("inputs"), dict):  # saved since issue 14
+            return f"run (changed: {_changed_inputs(prev['inputs'], inputs[stage])})"
         return "run (settings or inputs changed)"
     return "run (forced or upstream re-ran)"
 
@@ -794,7 +822,7 @@ def run_recipe(
     log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run (or, with dry_run, only plan) the recipe's stages; see the module docstring."""
-    log = log or _say
+    log = log or say
     if start is not None and start not in STAGES:
         raise UserError(f"--from: unknown stage '{start}'; stages: {', '.join(STAGES)}")
     stages = plan(recipe, source)
@@ -802,13 +830,14 @@ def run_recipe(
         names = ", ".join(s.name for s in stages)
         raise UserError(f"--from: this recipe has no '{start}' stage; its stages: {names}")
     paths = Paths(Path(recipe.run_dir))
-    prints = fingerprints(stages, missing_ok=dry_run)
+    inputs = stage_inputs(stages, missing_ok=dry_run)
+    prints = {name: _digest(entry) for name, entry in inputs.items()}
     state = _read_state(paths.state)
     actions = decide(stages, prints, state, start)
     result = RunResult(paths.root)
     if dry_run:
         for stage in stages:
-            reason = _reason(actions[stage.name], stage.name, state, prints)
+            reason = _reason(actions[stage.name], stage.name, state, inputs)
             missing = [str(p) for p in stage.files if not source_exists(p)]
             note = f"; missing input {missing[0]}" if missing else ""
             result.stages.append(StageResult(stage.name, f"would {reason}{note}"))
@@ -824,7 +853,11 @@ def run_recipe(
             _remove(stage.outputs)
         if action == "resume" and state.get(stage.name, {}).get("status") == "done":
             log(f"[{stage.name}] its output is incomplete (a write was interrupted); finishing it")
-        state[stage.name] = {"fingerprint": prints[stage.name], "status": "running"}
+        state[stage.name] = {
+            "fingerprint": prints[stage.name],
+            "status": "running",
+            "inputs": inputs[stage.name],
+        }
         _write_state(paths.state, state)
         log(f"[{stage.name}] {'resuming' if action == 'resume' else 'running'} ...")
         began = time.perf_counter()
@@ -833,6 +866,7 @@ def run_recipe(
         state[stage.name] = {
             "fingerprint": prints[stage.name],
             "status": "done",
+            "inputs": inputs[stage.name],
             "seconds": round(seconds, 1),
             "summary": summary,
         }
@@ -859,10 +893,6 @@ def summary_table(result: RunResult) -> str:
         time_text = f"{row.seconds:.1f}s" if row.status in ("ran", "resumed") else "-"
         lines.append(f"  {row.name:<13}{row.status:<36}{time_text:>8}")
     return "\n".join(lines)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def describe_plan(recipe: RunRecipe, result: RunResult) -> str:

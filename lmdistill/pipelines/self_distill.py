@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmdistill.errors import RecipeError, UserError
+from lmdistill.errors import RecipeError, UserError, say
 from lmdistill.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from lmdistill.store.settings import changed_settings
 from lmdistill.training.config import (
     Batch,
     Optim,
@@ -234,10 +234,6 @@ class SelfDistillResult:
     ran: list[int] = field(default_factory=list)  # rounds run by this call (the others: skipped)
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def plan(config: SelfDistillConfig) -> str:
     """What a run would do, round by round, and which rounds are already done (no model loads)."""
     run_dir = Path(config.run_dir)
@@ -287,9 +283,9 @@ def self_distill(config: SelfDistillConfig) -> SelfDistillResult:
             round_dir = run_dir / f"round_{r}"
             if (round_dir / DONE).exists():
                 row = json.loads((round_dir / "metrics.json").read_text())
-                _say(f"[round {r}] already done, skipped")
+                say(f"[round {r}] already done, skipped")
             else:
-                _say(f"[round {r}] running ...")
+                say(f"[round {r}] running ...")
                 if r == 0:
                     row = {"round": 0, "model": model}
                     row.update(_evaluate(model, task, round_dir, config))
@@ -301,7 +297,7 @@ def self_distill(config: SelfDistillConfig) -> SelfDistillResult:
                 write_json_atomic(round_dir / "metrics.json", row)
                 (round_dir / DONE).touch()
                 ran.append(r)
-                _say(f"[round {r}] eval score {row['eval_score']:.3f}")
+                say(f"[round {r}] eval score {row['eval_score']:.3f}")
             rows.append(row)
             model = row["model"]
             if row.get("stopped"):
@@ -324,11 +320,7 @@ def _check_run_dir(run_dir: Path, config: SelfDistillConfig) -> None:
     now = config.model_dump(mode="json")
     if saved.is_file():
         before = yaml.safe_load(saved.read_text()) or {}
-        changed = sorted(
-            k
-            for k in before.keys() | now.keys()
-            if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k)
-        )
+        changed = changed_settings(before, now, ignore=_RESUMABLE_CHANGES)
         if changed:
             raise UserError(
                 f"{run_dir} holds a self-distill run with other settings ({', '.join(changed)}); "
@@ -384,7 +376,7 @@ def _round(
         prompt_acceptance=stats.prompt_acceptance,
         kept=stats.kept,
     )
-    _say(f"[round {r}] {stats.report()}")
+    say(f"[round {r}] {stats.report()}")
     if stats.kept == 0:
         # Nothing to learn from: the model stays as it was (so does its score; the caller
         # copies it), and the run ends here.

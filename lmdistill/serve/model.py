@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmdistill.data import Message
 from lmdistill.serve.engine import Engine
 from lmdistill.serve.protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest
 from lmdistill.serve.sampling import SamplingOptions
-from lmdistill.teachers.base import Message
 from lmdistill.teachers.local import HFTeacher
 
 

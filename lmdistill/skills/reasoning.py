@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lmdistill.data import Message
 from lmdistill.data.jsonl import describe, iter_jsonl, write_json_atomic, write_jsonl_atomic
 from lmdistill.errors import InputError, UserError
 from lmdistill.tasks.base import Example, Split, Task
 from lmdistill.tasks.extract import marked_answer_start
-from lmdistill.teachers.base import Message
 
 Keep = Literal["best", "all"]
 # (Example, response) -> score; by default the task's own `score`.

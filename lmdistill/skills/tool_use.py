@@ -46,16 +46,16 @@ from lmdistill.data.tool_format import (
     render_tool_chat,
 )
 from lmdistill.errors import InputError, UserError
-from lmdistill.pipelines.generate import check_settings, sampling_dict, side_path, write_settings
-from lmdistill.skills.tools import (
+from lmdistill.store.settings import check_settings, side_path, write_settings
+from lmdistill.tasks.base import Example, Split, Task
+from lmdistill.tasks.tools import (
     UNPARSEABLE,
     ToolError,
     ToolRegistry,
     arguments_match,
     default_tools,
 )
-from lmdistill.tasks.base import Example, Split, Task
-from lmdistill.teachers.base import GenerationResult, SamplingParams, Teacher
+from lmdistill.teachers.base import GenerationResult, SamplingParams, Teacher, sampling_dict
 
 # A bare generation function: conversations already in the fallback text format -> replies.
 GenerateFn = Callable[[list[list[Message]]], list[str]]

@@ -22,13 +22,12 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lmdistill.errors import InputError, UserError
+from lmdistill.errors import InputError, UserError, say
 
 # Hidden, so model fingerprints (eval.cache ignores dot files) are the same with and without it.
 COMPLETE_MARKER = ".lmdistill-complete"
@@ -178,7 +177,7 @@ def read_jsonl_tolerant(
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     end = data.rfind(b"\n") + 1
     if data[end:].strip():
-        (warn or _stderr)(
+        (warn or say)(
             f"{path}: dropped a torn last line ({len(data) - end} bytes; "
             "a crash while it was written)"
         )
@@ -194,10 +193,6 @@ def read_jsonl_tolerant(
             raise InputError(path, "expected a JSON object", line=number)
         records.append((number, value))
     return records
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 _reached: dict[str, int] = {}

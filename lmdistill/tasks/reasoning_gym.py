@@ -3,9 +3,10 @@ endless fresh examples from a seed, each graded by the dataset's own `score_answ
 
 Built-in configurations (the names `get_task` knows):
 
-  arithmetic_1digit  basic_arithmetic, 2 terms of 1 digit (-9..9), operators + - *, no
-                     parentheses: "Calculate -4 * 7." The easy end, meant to be within reach
-                     of a ~100M-parameter teacher (~1,000 distinct questions in all).
+  arithmetic_1digit  basic_arithmetic, 2 terms of "1 digit" (reasoning-gym draws them from
+                     0..10), operators + - *, no parentheses, no negation: "Calculate 6 * 7."
+                     The easy end, meant to be within reach of a ~100M-parameter teacher (363
+                     distinct questions in all: 11 x 11 operands x 3 operators).
   arithmetic         basic_arithmetic, 2-4 terms of 1-3 digits, + - * / (exact integer division),
                      parentheses allowed: "Calculate -( 37 + 5 ) * 12 / 6."
   gsm_symbolic       gsm_symbolic (GSM-Symbolic templates, Mirzadeh et al. 2024), difficulty 1.0:
@@ -154,7 +155,7 @@ class ReasoningGymTask(Task):
         out: list[Example] = []
         seen: set[str] = set()
         # Each draw lands in the split with probability _TEST_SHARE, and small question spaces
-        # (two 1-digit numbers: ~1,000 questions) run out of new ones: give up after enough draws.
+        # (arithmetic_1digit: 363 questions) run out of new ones: give up after enough draws.
         max_draws = 20 * want + 1000
         index = 0
         while len(out) < want and index < min(max_draws, _POOL):

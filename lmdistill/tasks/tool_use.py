@@ -36,7 +36,9 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from lmdistill.skills.tools import (
+from lmdistill.tasks.base import Example, Split, Task, check_limit, check_split
+from lmdistill.tasks.extract import marked_answer, parse_number
+from lmdistill.tasks.tools import (
     LOOKUP_FIELDS,
     ToolRegistry,
     calculate,
@@ -46,8 +48,6 @@ from lmdistill.skills.tools import (
     fold_text,
     lookup,
 )
-from lmdistill.tasks.base import Example, Split, Task, check_limit, check_split
-from lmdistill.tasks.extract import marked_answer, parse_number
 
 KINDS = ("multiply", "convert", "lookup")
 DEFAULT_SIZE = 300  # examples returned when no limit is given (the generator is endless)

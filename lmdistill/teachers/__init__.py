@@ -6,6 +6,7 @@ from lmdistill.teachers.base import (
     Generation,
     GenerationResult,
     Message,
+    Prices,
     SamplingParams,
     Teacher,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "Generation",
     "GenerationResult",
     "Message",
+    "Prices",
     "SamplingParams",
     "Teacher",
 ]

@@ -7,15 +7,15 @@ teacher has no full logits; a cache has no text)."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmdistill.data import Message
 from lmdistill.errors import UserError
-
-Message = dict[str, Any]  # {"role": "user", "content": "..."}; tool calls and names pass through
 
 
 class Capability(enum.Flag):
@@ -44,6 +44,30 @@ class SamplingParams:
             raise UserError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
             raise UserError(f"n must be >= 1, got {self.n}")
+
+
+def sampling_dict(params: SamplingParams) -> dict[str, Any]:
+    """The settings that determine a response (what a generated record and its output's
+    settings lock store): top_logprobs only when asked for."""
+    settings = dataclasses.asdict(params)
+    if not settings["top_logprobs"]:
+        del settings["top_logprobs"]
+    return settings
+
+
+@dataclass(frozen=True)
+class Prices:
+    """A teacher's USD per million tokens, for the cost estimate of generation and evaluation."""
+
+    input_per_m: float = 0.0
+    output_per_m: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.input_per_m < 0 or self.output_per_m < 0:
+            raise UserError("prices must be >= 0 USD per million tokens")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_m + completion_tokens * self.output_per_m) / 1e6
 
 
 @dataclass

@@ -293,7 +293,7 @@ def _convert_gguf_quietly(source: Path, out_dir: Path) -> None:
     model.to(torch.float32)
     model.generation_config = gguf_model.generation_config
     model.save_pretrained(out_dir)
-    from lmdistill.data.cross_tokenizer import ensure_chat_template
+    from lmdistill.models import ensure_chat_template
 
     # A base model (Gemma 3 270M) has no chat template; training and generation need one.
     ensure_chat_template(tokenizer)

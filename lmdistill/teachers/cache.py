@@ -258,7 +258,7 @@ def _teacher_topk(
     model, members: Sequence[Example], top_k: int, tokens_per_batch: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, tuple[int, int]]]]:
     """Per packed batch: (ids (n, k), log-probs (n, k), example index -> its row range)."""
-    from lmdistill.training.signals import forward_signals
+    from lmdistill.teachers.forward import forward_signals
 
     device = next(model.parameters()).device
     lengths = [len(e) for e in members]

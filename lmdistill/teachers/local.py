@@ -392,7 +392,7 @@ def _load_model_dir(
 
     target = torch.device(device) if device is not None else _default_device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, target))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, target))
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as exc:
         raise unloadable(path, exc) from None
@@ -419,7 +419,7 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """float32 on CPU (half precision is slow there), bfloat16 on a GPU that has it."""
     if isinstance(dtype, torch.dtype):
         return dtype

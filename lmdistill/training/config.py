@@ -184,6 +184,19 @@ class OnPolicy(_Strict):
     temperature: float = Field(1.0, gt=0, description="the student's sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1: the full distribution")
     max_new_tokens: int = Field(128, ge=1, description="sampled tokens per prompt at most")
+    proposal: Literal["student", "speculative"] = Field(
+        "student",
+        description="who writes the samples: 'student' (GKD: the student alone) or "
+        "'speculative' (SKD, Xu et al. 2024, arXiv:2410.11325: the student proposes each token "
+        "and a token outside the teacher's top `teacher_top_k` is replaced by the teacher's "
+        "sample; needs a local teacher with the student's vocabulary)",
+    )
+    teacher_top_k: int = Field(
+        25,
+        ge=1,
+        description="speculative proposal: a student token is kept when it is among "
+        "this many of the teacher's most likely next tokens",
+    )
 
 
 class Optim(_Strict):

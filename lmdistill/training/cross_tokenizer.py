@@ -21,8 +21,8 @@ from lmdistill.data.cross_tokenizer import (
 from lmdistill.data.records import field_map
 from lmdistill.data.sft import Batch, Example, MicroBatch, check_packing
 from lmdistill.errors import UserError
+from lmdistill.teachers.forward import Signals, forward_signals
 from lmdistill.training.config import TrainConfig, UldObjective
-from lmdistill.training.signals import Signals, forward_signals
 
 
 class CrossTokenizerTeacher:
@@ -66,7 +66,7 @@ def load_cross_teacher(
     tokenizer (from the teacher's model dir), and its tokenization of the training file."""
     if not any(isinstance(o, UldObjective) for o in config.objectives):
         return None
-    from lmdistill.teachers.local import _resolve_dtype
+    from lmdistill.teachers.local import resolve_dtype
     from lmdistill.teachers.registry import is_api_spec
     from lmdistill.training.students import load_model_dir, resolve_model_dir
 
@@ -78,7 +78,7 @@ def load_cross_teacher(
     # The model dir is loaded directly rather than through HFTeacher, which needs a chat template:
     # a base model without one gets the plain transcript template (data.cross_tokenizer).
     model, tokenizer = load_model_dir(
-        resolve_model_dir(spec.model), dtype=_resolve_dtype(spec.dtype, device)
+        resolve_model_dir(spec.model), dtype=resolve_dtype(spec.dtype, device)
     )
     model.to(device)
     if not getattr(tokenizer, "is_fast", False):

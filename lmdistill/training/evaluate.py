@@ -17,7 +17,8 @@ from torch import Tensor
 
 from lmdistill.data.sft import IGNORE_INDEX, Batch
 from lmdistill.losses import fused_distillation_loss, fused_sparse_distillation_loss
-from lmdistill.training.signals import Signals, cross_entropy, forward_signals
+from lmdistill.teachers.forward import Signals, forward_signals
+from lmdistill.training.signals import cross_entropy
 
 Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on one process)
 

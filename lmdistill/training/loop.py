@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,7 +54,7 @@ from lmdistill.data.sft import (
     epoch_plan,
     load_examples,
 )
-from lmdistill.errors import InputError, UserError
+from lmdistill.errors import InputError, UserError, say
 from lmdistill.store.atomic import (
     crash_point,
     dir_state,
@@ -63,6 +62,8 @@ from lmdistill.store.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
+from lmdistill.store.settings import changed_settings
+from lmdistill.teachers.forward import base_model
 from lmdistill.training.config import (
     HiddenObjective,
     LogitsObjective,
@@ -89,7 +90,6 @@ from lmdistill.training.signals import Counts
 from lmdistill.training.students import (
     LoraSettings,
     apply_lora,
-    base_model,
     load_model_dir,
     non_embedding_parameters,
     resolve_model_dir,
@@ -211,6 +211,7 @@ class Trainer:
                 raise UserError("on_policy: not supported with FSDP (use DDP or one process)")
             self.on_policy = OnPolicySampler(
                 config.on_policy,
+                teacher=teacher_model,  # the config asks on-policy runs for an online teacher
                 seed=config.seed,
                 tokenizer=self.tokenizer,
                 row_length=config.data.max_length,
@@ -266,7 +267,7 @@ class Trainer:
                 )
             previous = _load_yaml(saved) if saved.is_file() else None
             now = json.loads(json.dumps(self.config.model_dump(mode="json")))
-            changed = _changed_keys(previous or {}, now, ignore=("log",))
+            changed = changed_settings(previous or {}, now, ignore=("log",))
             if changed:
                 raise UserError(
                     f"{how}: the recipe differs from the one {self.run_dir} was started with "
@@ -284,8 +285,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _say(self, line: str) -> None:
-        if self.main:
-            print(line, file=sys.stderr, flush=True)
+        if self.main:  # one line per run, not one per process
+            say(line)
 
     def _load_student(self):
         spec = self.config.student
@@ -618,6 +619,8 @@ class Trainer:
                 record = self.train_step(batches)
                 if self.on_policy is not None:
                     record.update(step_record(batches, self._sum_over_processes))
+                    if record["on_policy"] and self.on_policy.acceptance is not None:
+                        record["proposal_kept"] = self.on_policy.acceptance
                 self.step += 1
                 record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - started, 1e-9)
                 history.append(record)
@@ -733,8 +736,11 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
+            except ImportError:  # tensorboard is optional; asked for, its absence is said once
+                say(
+                    "log.tensorboard: the tensorboard package is not installed, so no event files "
+                    "are written (pip install tensorboard, or set log.tensorboard: false)"
+                )
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -840,16 +846,3 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load(path.read_text()) or {}
-
-
-def _changed_keys(old: Any, new: Any, *, ignore: tuple[str, ...], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            path = f"{prefix}{key}"
-            if path in ignore:
-                continue
-            out += _changed_keys(old.get(key), new.get(key), ignore=ignore, prefix=path + ".")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]

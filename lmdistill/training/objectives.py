@@ -31,6 +31,7 @@ from lmdistill.losses import (
     hidden_state_loss,
 )
 from lmdistill.losses.uld import chunked_uld_loss
+from lmdistill.teachers.forward import Signals, forward_signals
 from lmdistill.training.config import (
     HiddenObjective,
     LogitsObjective,
@@ -38,7 +39,7 @@ from lmdistill.training.config import (
     UldObjective,
 )
 from lmdistill.training.evaluate import batch_sums
-from lmdistill.training.signals import Counts, Signals, cross_entropy, forward_signals
+from lmdistill.training.signals import Counts, cross_entropy
 
 
 class Sft(nn.Module):

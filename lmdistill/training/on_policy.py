@@ -11,6 +11,13 @@ a multi-process run agree. What is sampled is a pure function of (seed, micro-ba
 student weights), drawn from a forked RNG: it does not depend on how a step is split over processes
 and leaves the training RNG untouched (lambda = 0 trains exactly like a run without on_policy).
 
+With `proposal: speculative` (SKD: Xu et al. 2024, "Speculative Knowledge Distillation",
+arXiv:2410.11325) the student proposes every token and the teacher vets it: a proposal outside the
+teacher's top-k is replaced by a token sampled from the teacher. A weak student's own samples drift
+into states no good answer passes through (loops, wrong facts), where the teacher's distribution
+is itself poor guidance; vetted samples stay where the teacher is a good guide while still
+showing the student the prefixes it tends to write.
+
 A sampled example is the prompt of a data example (its tokens before the first loss target) plus
 the student's tokens up to and including the first end-of-turn token, with targets on the sampled
 tokens; the samples of one micro-batch are packed and collated exactly like the data.
@@ -51,6 +58,91 @@ def sampled_example(
     return Example(input_ids=ids, targets=targets, index=index)
 
 
+def _filtered_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """softmax(logits / temperature) restricted to the nucleus `top_p` and renormalised; (B, V)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep a token while the mass before it is below top_p (the most likely one always stays).
+    keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    probs = probs * keep
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def speculative_mixture(student_probs: Tensor, teacher_probs: Tensor, top_k: int) -> Tensor:
+    """The distribution of SKD's proposal-and-vet step as one distribution, (B, V):
+    a student sample x ~ q is kept when x is among the teacher's top `top_k` tokens (the set K),
+    else replaced by a teacher sample y ~ t, so p(x) = q(x)·[x in K] + (1 - q(K))·t(x)."""
+    top = teacher_probs.topk(min(top_k, teacher_probs.size(-1)), dim=-1).indices
+    in_k = torch.zeros_like(student_probs, dtype=torch.bool).scatter(-1, top, True)
+    kept = student_probs * in_k
+    rejected = 1.0 - kept.sum(-1, keepdim=True)
+    return kept + rejected.clamp(min=0.0) * teacher_probs
+
+
+@torch.no_grad()
+def speculative_generate(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    temperature: float,
+    top_p: float,
+    stop_ids: set[int],
+    pad_id: int,
+) -> tuple[Tensor, float]:
+    """Sample up to `max_new_tokens` tokens per left-padded prompt row, the student proposing and
+    the teacher vetting each token (`speculative_mixture`); both models keep a KV cache, so each
+    new token costs one single-token forward of each. Returns the new tokens (B, <= max_new_tokens;
+    `pad_id` after a row's stop token) and the share of tokens the student's proposal kept."""
+    mask = attention_mask.clone()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    student_out = student(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+    )
+    teacher_out = teacher(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+    )
+    next_position = positions[:, -1] + 1
+    stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
+    done = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+    tokens: list[Tensor] = []
+    kept = offered = 0.0
+    for _ in range(max_new_tokens):
+        # The two heads may be padded to different widths; tokens past the shorter are unused.
+        vocab = min(student_out.logits.size(-1), teacher_out.logits.size(-1))
+        q = _filtered_probs(student_out.logits[:, -1, :vocab], temperature, top_p)
+        t = _filtered_probs(teacher_out.logits[:, -1, :vocab], temperature, top_p)
+        p = speculative_mixture(q, t, top_k)
+        token = torch.multinomial(p, 1).squeeze(-1)
+        # Expected share kept (q(K)), a lower-variance estimate than counting accepted draws.
+        live = ~done
+        top = t.topk(min(top_k, vocab), dim=-1).indices
+        kept += float(q.gather(-1, top).sum(-1)[live].sum())
+        offered += float(live.sum())
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done = done | torch.isin(token, stop)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        step = dict(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position[:, None],
+            use_cache=True,
+        )
+        student_out = student(**step, cache=student_out.cache)
+        teacher_out = teacher(**step, cache=teacher_out.cache)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1), kept / max(offered, 1.0)
+
+
 class OnPolicySampler:
     """Chooses the on-policy steps and turns a micro-batch of data into the student's samples."""
 
@@ -63,8 +155,13 @@ class OnPolicySampler:
         row_length: int,
         tokens_per_batch: int,
         packing: bool,
+        teacher: nn.Module | None = None,
     ) -> None:
+        if settings.proposal == "speculative" and teacher is None:
+            raise ValueError("a speculative proposal needs the teacher model")
         self.settings = settings
+        self.teacher = teacher if settings.proposal == "speculative" else None
+        self.acceptance: float | None = None  # speculative: share of the last samples' tokens kept
         self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
@@ -108,25 +205,39 @@ class OnPolicySampler:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(seed))
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=self.settings.temperature,
-                    top_p=self.settings.top_p,
-                    top_k=0,  # the student's full distribution (a model's config may set top_k)
-                    max_new_tokens=self.settings.max_new_tokens,
-                    eos_token_id=sorted(stop_ids),
-                    pad_token_id=self.pad_id,
-                    use_cache=True,
-                )
+                if self.teacher is not None:  # a speculative proposal
+                    completions, self.acceptance = speculative_generate(
+                        model,
+                        self.teacher,
+                        ids.to(device),
+                        mask.to(device),
+                        max_new_tokens=self.settings.max_new_tokens,
+                        top_k=self.settings.teacher_top_k,
+                        temperature=self.settings.temperature,
+                        top_p=self.settings.top_p,
+                        stop_ids=stop_ids,
+                        pad_id=self.pad_id,
+                    )
+                else:
+                    out = model.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        do_sample=True,
+                        temperature=self.settings.temperature,
+                        top_p=self.settings.top_p,
+                        top_k=0,  # the student's full distribution (a model's config may set it)
+                        max_new_tokens=self.settings.max_new_tokens,
+                        eos_token_id=sorted(stop_ids),
+                        pad_token_id=self.pad_id,
+                        use_cache=True,
+                    )
+                    completions = out[:, width:]
         finally:
             model.train(was_training)
-        completions = out[:, width:].tolist()
         max_length = self.plan["row_length"]
         return [
             sampled_example(p, c, stop_ids, max_length, e.index)
-            for p, c, e in zip(prompts, completions, examples, strict=True)
+            for p, c, e in zip(prompts, completions.tolist(), examples, strict=True)
         ]
 
     def _stop_ids(self, model: nn.Module) -> set[int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class StudentInfo:
     channels: list[int] | None = field(
         default=None, repr=False
     )  # kept hidden channels, if narrowed
+    selection: str = "spread"  # how the layers were chosen: "spread", "importance" or "given"
+    # KL(teacher || student) on the calibration text, nats/token, when calibration text was given.
+    calibration_kl: float | None = None
 
 
 def spread_layers(num_layers: int, count: int) -> list[int]:
@@ -121,6 +125,9 @@ def student_from_teacher(
     intermediate_size: int | None = None,
     hidden_size: int | None = None,
     tokenizer: Any = None,
+    selection: str = "spread",
+    calibration: Sequence[str] | None = None,
+    calibration_tokens: int = 96,
 ) -> StudentInfo:
     """Build a student from `teacher` (bundled name, model dir, or a loaded model with
     `tokenizer=`) and save it as an HF model dir in `out_dir`.
@@ -132,7 +139,19 @@ def student_from_teacher(
     hidden_size: keep this many residual-stream channels, those with the largest norm over the
         token embeddings (||E[:, c]||): the channels the embeddings write to most. Attention head
         sizes stay the teacher's (config.head_dim is set explicitly).
+    selection: with a layer count, "spread" (evenly, `spread_layers`) or "importance" (iterative
+        removal by calibration KL, `pruning.prune_layers_by_kl`; needs `calibration`).
+    calibration: texts (e.g. rendered teacher conversations) to rank by. With them, MLP neurons
+        are ranked by their mean activation on these texts (Minitron) rather than by weight
+        norms, and the student's calibration KL to the teacher is recorded.
+    calibration_tokens: each calibration text is cut to this many tokens.
     """
+    if selection not in ("spread", "importance"):
+        raise UserError(
+            f"student layer selection must be 'spread' or 'importance', not {selection!r}"
+        )
+    if selection == "importance" and not calibration:
+        raise UserError("importance-based layer selection needs calibration text")
     if isinstance(teacher, torch.nn.Module):
         if tokenizer is None:
             raise TypeError("student_from_teacher(model) needs tokenizer=")
@@ -143,15 +162,33 @@ def student_from_teacher(
         tokenizer = tokenizer or loaded_tokenizer
         name = str(teacher)
     config = model.config
-    chosen = chosen_layers(config.num_hidden_layers, layers)
+    batch = None
+    if calibration:
+        from lmdistill.training import pruning
+
+        batch = pruning.calibration_batch(tokenizer, calibration, calibration_tokens)
+    if selection == "importance" and isinstance(layers, int):
+        from lmdistill.training import pruning
+
+        chosen_layers(config.num_hidden_layers, layers)  # the count's range check
+        chosen, _ = pruning.prune_layers_by_kl(model, *batch, layers)
+    else:
+        chosen = chosen_layers(config.num_hidden_layers, layers)
+        selection = "spread" if isinstance(layers, int) else "given"
     _check_width(config, "intermediate_size", intermediate_size)
     _check_width(config, "hidden_size", hidden_size)
 
     student_config = _student_config(config, chosen, intermediate_size, hidden_size)
+    activations = None
+    if batch is not None and intermediate_size is not None:
+        from lmdistill.training import pruning
+
+        by_layer = pruning.mlp_activation_importance(model, *batch)
+        activations = [by_layer[j] for j in chosen]
     state = _select_layers(model.state_dict(), decoder_layers_name(model), chosen)
     channels = None
     if intermediate_size is not None and intermediate_size != config.intermediate_size:
-        state = _narrow_mlp(state, intermediate_size)
+        state = _narrow_mlp(state, intermediate_size, decoder_layers_name(model), activations)
     if hidden_size is not None and hidden_size != config.hidden_size:
         channels = _important_channels(state, model, hidden_size)
         state = _narrow_hidden(state, channels, model)
@@ -170,6 +207,11 @@ def student_from_teacher(
         )
     student.tie_weights()
     student.generation_config = model.generation_config
+    calibration_kl = None
+    if batch is not None:
+        from lmdistill.training import pruning
+
+        calibration_kl = pruning.student_kl(model, student, *batch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out)
@@ -184,6 +226,8 @@ def student_from_teacher(
         non_embedding_parameters=non_embedding_parameters(student),
         teacher_non_embedding_parameters=non_embedding_parameters(model),
         channels=channels,
+        selection=selection,
+        calibration_kl=calibration_kl,
     )
     (out / STUDENT_META).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
@@ -339,7 +383,12 @@ def _top(importance: Tensor, k: int) -> Tensor:
     return importance.topk(k).indices.sort().values
 
 
-def _narrow_mlp(state: dict[str, Tensor], size: int) -> dict[str, Tensor]:
+def _narrow_mlp(
+    state: dict[str, Tensor], size: int, prefix: str, activations: list[Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Keep `size` MLP neurons per layer: by `activations[i]` (student layer i's neurons' mean
+    activation on calibration text) when given, else by weight norms."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.mlp\.down_proj\.weight$")
     for key in [k for k in state if k.endswith("mlp.down_proj.weight")]:
         stem = key.removesuffix("down_proj.weight")
         gate, up, down = (
@@ -347,7 +396,13 @@ def _narrow_mlp(state: dict[str, Tensor], size: int) -> dict[str, Tensor]:
             state[stem + "up_proj.weight"],
             state[key],
         )
-        importance = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+        match = pattern.match(key)
+        if activations is not None and match is not None:
+            importance = activations[int(match.group(1))]
+        else:
+            importance = (
+                gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+            )
         keep = _top(importance, size)
         state[stem + "gate_proj.weight"] = gate[keep].clone()
         state[stem + "up_proj.weight"] = up[keep].clone()
@@ -420,12 +475,6 @@ def apply_lora(model, settings: LoraSettings):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
-
-
-def base_model(model):
-    """The HF model under a PEFT wrapper (LoRA layers stay injected in it), or `model` itself."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
 
 
 def save_student(

@@ -11,14 +11,13 @@ import torch
 from tiny import make_other_tokenizer, make_tokenizer
 
 from lmdistill.data.cross_tokenizer import (
-    PLAIN_CHAT_TEMPLATE,
     aligned_fraction,
     collate_teacher,
-    ensure_chat_template,
     load_teacher_examples,
     response_positions,
 )
 from lmdistill.data.sft import IGNORE_INDEX, collate, load_examples
+from lmdistill.models import PLAIN_CHAT_TEMPLATE, ensure_chat_template
 
 
 def write_records(path: Path, responses: list[str]) -> Path:

@@ -22,7 +22,7 @@ from lmdistill.data.sft import (
     pack_rows,
 )
 from lmdistill.errors import InputError, UserError
-from lmdistill.training.signals import forward_signals
+from lmdistill.teachers.forward import forward_signals
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},

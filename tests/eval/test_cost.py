@@ -5,8 +5,9 @@ import pytest
 from tiny import make_tiny_model, make_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from lmdistill.errors import UserError
 from lmdistill.eval.cost import cost_report, count_parameters, dir_size, measure, reductions
-from lmdistill.pipelines.generate import Prices
+from lmdistill.teachers.base import Prices
 
 
 def llama_count(vocab: int, hidden: int, layers: int, *, tied: bool) -> tuple[int, int]:
@@ -76,3 +77,8 @@ def test_reductions_and_spend():
     assert report["models"]["teacher"]["spend_usd"] == pytest.approx(2.0 + 2.0)
     assert "spend_usd" not in report["models"]["student"]
     assert report["reduction"]["student"]["params"] == 10.0
+
+
+def test_a_negative_price_is_refused_in_one_line():
+    with pytest.raises(UserError, match="prices must be >= 0"):
+        Prices(input_per_m=-1.0)

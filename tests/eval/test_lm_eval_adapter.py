@@ -39,3 +39,24 @@ def test_aggregates_only_give_a_normal_interval():
     assert primary == "acc" and ids == [] and per_example == []
     assert metrics["acc"].low == pytest.approx(0.4 - 1.959964 * 0.05, abs=1e-5)
     assert metrics["acc"].method == "stderr"
+
+
+def test_aggregates_carry_the_number_of_documents_lm_eval_scored():
+    output = {
+        "results": {"mmlu": {"acc,none": 0.4, "acc_stderr,none": 0.05}},
+        "n-samples": {"mmlu": {"original": 100, "effective": 40}},
+    }
+    _, metrics, _, _ = parse_lm_eval_output(output, "mmlu", EvalSettings())
+    assert metrics["acc"].n == 40 and metrics["acc"].method == "stderr"
+
+
+@pytest.mark.parametrize("stderr", [None, "N/A", 0.0])
+def test_a_score_without_a_stderr_is_marked_as_having_no_interval(stderr):
+    table = {"bleu,none": 12.5}
+    if stderr is not None:
+        table["bleu_stderr,none"] = stderr
+    output = {"results": {"wmt": table}, "n-samples": {"wmt": {"original": 30, "effective": 30}}}
+    _, metrics, _, _ = parse_lm_eval_output(output, "wmt", EvalSettings())
+    score = metrics["bleu"]
+    assert score.method == "point" and score.n == 30
+    assert score.low == score.high == score.value == 12.5

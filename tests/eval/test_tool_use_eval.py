@@ -10,13 +10,13 @@ import pytest
 from eval_fakes import ScriptedTeacher
 from tiny import save_tiny_model_dir
 
+from lmdistill.data import Message
 from lmdistill.errors import UserError
 from lmdistill.eval import tool_use as tool_use_eval
 from lmdistill.eval.base import EvalSettings
 from lmdistill.eval.runner import evaluate, make_evaluator
 from lmdistill.eval.tool_use import ToolUseEval, ToolUseSpec
 from lmdistill.skills.tool_use import TOOL_METRIC_NAMES
-from lmdistill.teachers.base import Message
 
 SPEC = "tool-use:tools=calculator+convert_units+lookup"
 

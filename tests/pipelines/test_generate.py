@@ -12,9 +12,9 @@ from faultserver import FaultPlan, FaultServer
 
 from lmdistill.data.jsonl import JsonlAppender
 from lmdistill.errors import InputError, UserError
-from lmdistill.pipelines.generate import Prices, generate, read_prompts
+from lmdistill.pipelines.generate import generate, read_prompts
 from lmdistill.pipelines.response_cache import ResponseCache
-from lmdistill.teachers.base import SamplingParams
+from lmdistill.teachers.base import Prices, SamplingParams
 from lmdistill.teachers.openai_api import OpenAITeacher
 
 PARAMS = SamplingParams(temperature=0.7, n=2, max_tokens=32)

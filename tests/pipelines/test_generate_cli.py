@@ -135,6 +135,16 @@ def test_unknown_teacher(tmp_path: Path, existing_out: Path) -> None:
     assert existing_out.read_bytes() == before
 
 
+def test_a_negative_price_is_one_line_before_any_request(
+    tmp_path: Path, server: FaultServer, existing_out: Path
+) -> None:
+    before, requests = existing_out.read_bytes(), server.request_count
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    cmd = generate_cmd(server.base_url, prompts, existing_out, "--price-output", "-2")
+    assert_clean_error(run(cmd, cli_env(tmp_path)), "prices must be >= 0 USD per million tokens")
+    assert existing_out.read_bytes() == before and server.request_count == requests
+
+
 def test_wrong_api_key(tmp_path: Path, server: FaultServer, existing_out: Path) -> None:
     before = existing_out.read_bytes()
     prompts = write_prompts(tmp_path / "more.jsonl", 6)

@@ -288,3 +288,30 @@ def test_held_out_with_the_teacher_off_compares_with_its_answers(tmp_path, tiny_
     assert (task["metric"], task["n"]) == ("rouge_l", 3)  # eval.limit held-out prompts
     assert set(task["metrics"]) == {"rouge_l", "perplexity"}  # no KL or agreement
     assert task["details"]["student"]["reference"] == "file"
+
+
+def test_a_teacher_server_that_is_not_there_is_named_as_unreachable(tmp_path, tiny_model_dir):
+    """`lmdistill run` tells a server that is down from prompts that failed, as `lmdistill
+    generate` does (one diagnosis, in the pipeline both call)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        teacher=f"http://127.0.0.1:{port}/v1",
+        teacher_options={"model": "m", "max_retries": 0, "timeout_s": 2},
+    )
+    with pytest.raises(UserError, match=f"cannot reach teacher .*127.0.0.1:{port}"):
+        run_recipe(load_recipe(path), source=str(path), log=None)
+
+
+def test_a_changed_stage_says_what_changed(tmp_path, tiny_model_dir, capsys):
+    path = _recipe(tmp_path, tiny_model_dir)
+    run_recipe(load_recipe(path), source=str(path), log=None)
+    assert main(["run", str(path), "generate.max_tokens=5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would run (changed: max_tokens)" in out  # the generate stage
+    assert "would run (changed: generate)" in out  # train, which reads its output

@@ -1,5 +1,5 @@
 """Tool use: the tools, schema checks, the text format, loss masks, the loop, filter and metrics
-(lmdistill.skills.tools, lmdistill.skills.tool_use, lmdistill.data.tool_format)."""
+(lmdistill.tasks.tools, lmdistill.skills.tool_use, lmdistill.data.tool_format)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from lmdistill.skills.tool_use import (
     run_tool_loops,
     tool_metrics,
 )
-from lmdistill.skills.tools import (
+from lmdistill.tasks.registry import get_task
+from lmdistill.tasks.tool_use import ToolUseTask
+from lmdistill.tasks.tools import (
     Tool,
     ToolError,
     arguments_match,
@@ -33,8 +35,6 @@ from lmdistill.skills.tools import (
     lookup,
     tool_subset,
 )
-from lmdistill.tasks.registry import get_task
-from lmdistill.tasks.tool_use import ToolUseTask
 from lmdistill.teachers.base import SamplingParams
 from lmdistill.teachers.local import HFTeacher
 from lmdistill.teachers.registry import load_teacher

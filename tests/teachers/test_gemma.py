@@ -41,7 +41,7 @@ def test_a_missing_package_is_one_line_naming_the_pip_command(
 def test_gemma_converts_to_a_plain_dir_with_the_plain_chat_template(real_cache: Path) -> None:
     from transformers import AutoTokenizer
 
-    from lmdistill.data.cross_tokenizer import PLAIN_CHAT_TEMPLATE
+    from lmdistill.models import PLAIN_CHAT_TEMPLATE
 
     path = bundled.bundled_model_dir(NAME)
     assert path == real_cache / "models" / NAME

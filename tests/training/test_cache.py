@@ -16,10 +16,10 @@ from lmdistill.errors import UserError
 from lmdistill.losses import fused_sparse_distillation_loss
 from lmdistill.teachers import cache as cache_module
 from lmdistill.teachers.cache import TopkCache, build_cache, tokenizer_fingerprint
+from lmdistill.teachers.forward import forward_signals
 from lmdistill.teachers.local import HFTeacher
 from lmdistill.training.config import validate
 from lmdistill.training.loop import train
-from lmdistill.training.signals import forward_signals
 
 K = 8
 

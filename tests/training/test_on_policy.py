@@ -178,7 +178,7 @@ def reverse_kl_trainer(tmp_path, name, student, teacher_dir, data, lr=1e-2):
 def reverse_kl_on(trainer: Trainer, batches) -> float:
     """Mean per-token KL(student || teacher) over the batches' loss positions (float64, from
     materialized logits: an independent path from the fused loss the trainer uses)."""
-    from lmdistill.training.signals import forward_signals
+    from lmdistill.teachers.forward import forward_signals
 
     student = trainer.accelerator.unwrap_model(trainer.module).student
     total, count = 0.0, 0
@@ -252,3 +252,113 @@ def test_sampled_tokens_line_up_with_the_teachers_log_probs_token_by_token(
                     )
                     checked += 1
     assert checked > 20
+
+
+# ------------------------------------ speculative proposal (SKD): the student proposes, the teacher vets
+def test_the_speculative_mixture_is_the_distribution_of_propose_and_vet():
+    """p(x) = q(x)[x in K] + (1 - q(K)) t(x) is what "sample x ~ q; keep x if it is among the
+    teacher's top k, else draw from t" gives: checked by simulating that procedure."""
+    from lmdistill.training.on_policy import speculative_mixture
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(1, 12, generator=gen) * 2, -1)
+    t = torch.softmax(torch.randn(1, 12, generator=gen) * 2, -1)
+    p = speculative_mixture(q, t, top_k=4)
+    torch.testing.assert_close(p.sum(-1), torch.ones(1))
+    top = set(t[0].topk(4).indices.tolist())
+    draws = 200_000
+    proposals = torch.multinomial(q[0], draws, replacement=True, generator=gen)
+    fallbacks = torch.multinomial(t[0], draws, replacement=True, generator=gen)
+    kept = torch.tensor([int(x) in top for x in proposals.tolist()])
+    tokens = torch.where(kept, proposals, fallbacks)
+    empirical = torch.bincount(tokens, minlength=12).double() / draws
+    torch.testing.assert_close(empirical, p[0].double(), atol=4e-3, rtol=0)
+    # The two ends: a teacher that vets nothing out leaves the student alone; a student whose
+    # mass lies wholly outside the teacher's top k is replaced by the teacher.
+    torch.testing.assert_close(speculative_mixture(q, t, top_k=12), q)
+    outside = torch.zeros_like(q)
+    outside[0, t[0].argmin()] = 1.0
+    torch.testing.assert_close(speculative_mixture(outside, t, top_k=4), t)
+
+
+def test_speculative_generation_reads_each_row_like_a_plain_forward(
+    student_dir: Path, teacher_dir: Path
+):
+    """With KV caches, left padding and per-row positions, the logits each model gives at every
+    sampled step equal an uncached forward of that row alone, unpadded; a stopped row gets pads."""
+    from lmdistill.training.on_policy import speculative_generate
+
+    student, _ = load_model_dir(student_dir)
+    teacher, tokenizer = load_model_dir(teacher_dir)
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out, k=k: seen[k].append(out.logits[:, -1]))
+        for k, m in (("student", student), ("teacher", teacher))
+    ]
+    prompts = [tokenizer("the cat sat")["input_ids"], tokenizer("a")["input_ids"]]
+    width = max(map(len, prompts))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    torch.manual_seed(0)
+    tokens, kept = speculative_generate(
+        student.eval(),
+        teacher.eval(),
+        ids,
+        mask,
+        max_new_tokens=6,
+        top_k=5,
+        temperature=1.0,
+        top_p=1.0,
+        stop_ids={-1},  # never stops: every step is checked
+        pad_id=0,
+    )
+    for h in hooks:
+        h.remove()
+    assert tokens.shape == (2, 6) and 0.0 <= kept <= 1.0
+    for name, model in (("student", student), ("teacher", teacher)):
+        steps = torch.stack(seen[name], dim=1)  # (rows, steps, vocab)
+        for row, prompt in enumerate(prompts):
+            full = torch.tensor(prompt + tokens[row].tolist())[None]
+            with torch.no_grad():
+                alone = model(input_ids=full).logits[0]
+            for step in range(6):
+                torch.testing.assert_close(
+                    steps[row, step], alone[len(prompt) - 1 + step], rtol=1e-4, atol=1e-4
+                )
+
+
+def test_a_speculative_on_policy_run_keeps_every_proposal_of_an_identical_teacher(
+    tmp_path: Path, teacher_dir: Path, sft_data: Path
+):
+    """Student = teacher and the teacher's top k = the whole vocabulary: every proposal is kept
+    (proposal_kept 1) and the reverse KL is 0; with a top 1 of a different student, some are not."""
+    vocab = load_model_dir(teacher_dir)[0].get_output_embeddings().weight.size(0)
+    on_policy = {
+        "lambda": 1.0,
+        "max_new_tokens": 12,
+        "proposal": "speculative",
+        "teacher_top_k": vocab,
+    }
+    same = train(
+        on_policy_config(
+            tmp_path, "same", teacher_dir, teacher_dir, sft_data, on_policy, optim={"steps": 2}
+        )
+    )
+    assert [r["proposal_kept"] for r in same.history] == pytest.approx([1.0, 1.0])
+    assert all(abs(r["loss/logits"]) < 1e-5 for r in same.history)
+
+
+def test_a_speculative_run_vets_a_weak_students_tokens(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path
+):
+    on_policy = {"lambda": 1.0, "max_new_tokens": 12, "proposal": "speculative", "teacher_top_k": 1}
+    run = train(
+        on_policy_config(
+            tmp_path, "weak", student_dir, teacher_dir, sft_data, on_policy, optim={"steps": 2}
+        )
+    )
+    kept = [r["proposal_kept"] for r in run.history]
+    assert all(0.0 < k < 0.9 for k in kept), kept
+    assert all(math.isfinite(r["loss"]) for r in run.history)

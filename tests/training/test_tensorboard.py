@@ -30,3 +30,21 @@ def test_tensorboard_events_match_metrics_jsonl(tmp_path: Path, student_dir: Pat
     assert logged.keys() == losses.keys()
     for step, value in losses.items():
         assert logged[step] == pytest.approx(value, rel=1e-6)
+
+
+def test_tensorboard_asked_for_but_missing_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    import sys
+
+    from lmdistill.training.loop import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    log = MetricsLog(tmp_path, enabled=True, keep_until=0, tensorboard=True)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if "tensorboard package is not installed" in line]) == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # metrics still kept
+    assert not (tmp_path / "tensorboard").exists()

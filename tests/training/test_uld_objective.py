@@ -12,8 +12,8 @@ import torch
 from conftest import recipe
 from tiny import make_other_tokenizer, make_tiny_model
 
-from lmdistill.data.cross_tokenizer import ensure_chat_template
 from lmdistill.errors import UserError
+from lmdistill.models import ensure_chat_template
 from lmdistill.training.config import validate
 from lmdistill.training.loop import Trainer
 

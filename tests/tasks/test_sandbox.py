@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lmdistill.eval.sandbox import run
+from lmdistill.tasks.sandbox import run
 
 _probe = run("pass", timeout_s=5)
 HAS_PIDNS = "pidns" in _probe.layers
