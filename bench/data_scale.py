@@ -12,7 +12,7 @@ of 10-80 words (~60-150 tokens rendered), max_length 512, 4096 tokens per micro-
 Memory: peak RSS (VmHWM) of each child process, everything included (Python, torch, the
 tokenizer, the model); the growth with the data is what the ratio shows.
 
-    .venv/bin/python bench/data_scale.py              # ~15-25 minutes on 2 busy cores
+    .venv/bin/python bench/data_scale.py   # 50 min measured on 2 cores at load ~11 (tokenizing 1M)
     .venv/bin/python bench/data_scale.py --sizes 10000,100000
 
 The last line is one JSON object: rss_ratio_1m_vs_10k (cold runs; the warm ratio beside it),
