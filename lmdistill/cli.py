@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lmdistill.commands.train",
     "lmdistill.commands.self_distill",
     "lmdistill.commands.eval",
+    "lmdistill.commands.plan",
 )
 
 

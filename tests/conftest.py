@@ -16,6 +16,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tokenized data (lmdistill.data.tokens) goes to a dir of this test session, never the user's
+    cache dir; subprocesses inherit it."""
+    from lmdistill.data.tokens import TOKEN_CACHE_ENV
+
+    root = tmp_path_factory.mktemp("token-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TOKEN_CACHE_ENV, str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide Llama with a byte-level BPE tokenizer and a ChatML template, saved as an

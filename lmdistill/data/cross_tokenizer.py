@@ -17,7 +17,7 @@ student's response is covered.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.data.records import FieldMap
-from lmdistill.data.sft import IGNORE_INDEX, Example, MicroBatch, load_examples
+from lmdistill.data.sft import IGNORE_INDEX, ByRecord, Example, MicroBatch, load_examples
 from lmdistill.models import ensure_chat_template
 
 
@@ -41,21 +41,23 @@ def load_teacher_examples(
     max_length: int,
     split: str | None = None,
     fields: FieldMap | None = None,
-) -> dict[int, Example]:
+) -> ByRecord:
     """Every record of the training file tokenized by the teacher (its chat template, or the plain
-    one), keyed by the record's index. A record whose assistant tokens max_length cuts away on the
+    one), looked up by the record's index (read from the token cache when asked for). A record whose assistant tokens max_length cuts away on the
     teacher's side is absent: its student example then gets cross-entropy only."""
     ensure_chat_template(tokenizer)
     data = load_examples(path, tokenizer, max_length=max_length, split=split, fields=fields)
-    return {example.index: example for example in data.examples}
+    return data.examples.by_record()
 
 
-def aligned_fraction(students: Sequence[Example], teachers: dict[int, Example]) -> float:
+def aligned_fraction(students: Sequence[Example], teachers: Mapping[int, Example]) -> float:
     """Share of the students' response positions that get a teacher position."""
-    total = sum(e.loss_tokens for e in students)
-    aligned = sum(
-        min(e.loss_tokens, teachers[e.index].loss_tokens) for e in students if e.index in teachers
-    )
+    total, aligned = 0, 0
+    for student in students:  # each read once from the token cache
+        total += student.loss_tokens
+        teacher = teachers.get(student.index)
+        if teacher is not None:
+            aligned += min(student.loss_tokens, teacher.loss_tokens)
     return aligned / max(total, 1)
 
 
@@ -82,7 +84,7 @@ class TeacherRows:
 
 def collate_teacher(
     examples: Sequence[Example],
-    teachers: dict[int, Example],
+    teachers: Mapping[int, Example],
     micro_batch: MicroBatch,
     pad_id: int,
 ) -> TeacherRows:

@@ -18,9 +18,11 @@ that no real token attends to.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,13 @@ import torch
 from torch import Tensor
 
 from lmdistill.data import Message
-from lmdistill.data.records import FieldMap, iter_records
+from lmdistill.data.records import FieldMap, iter_records, source_digest
+from lmdistill.data.tokens import (
+    TokenArrays,
+    TokenWriter,
+    open_or_build,
+    tokenization_fingerprint,
+)
 from lmdistill.data.tool_format import (
     plain_messages,
     render_tool_chat,
@@ -236,7 +244,13 @@ def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[str, list[t
         if message["role"] != "assistant":
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+        # The last turn's rendering is the full text (a third of the rendering time saved).
+        last = i == len(messages) - 1
+        upto = (
+            full
+            if last
+            else render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+        )
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise UserError(
                 "the chat template renders a conversation differently from its prefixes, so the "
@@ -332,12 +346,108 @@ def position_weights(
     return None if (weights == 1.0).all() else weights.tolist()
 
 
+class Examples(Sequence[Example]):
+    """Tokenized examples in a token cache (`lmdistill.data.tokens`), in data order, or the subset
+    at `positions`. Example i is built from the memory-mapped arrays when it is asked for, so
+    holding a million of them costs 8 bytes each (their positions), not their tokens."""
+
+    def __init__(self, arrays: TokenArrays, positions: np.ndarray | None = None) -> None:
+        self.arrays = arrays
+        self.positions = positions
+        self._lengths: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        if self.positions is not None:
+            return len(self.positions)
+        return len(self.arrays.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(E,) int64 token counts, all a packing plan needs."""
+        if self._lengths is None:
+            lengths = np.diff(np.asarray(self.arrays.offsets))
+            self._lengths = lengths if self.positions is None else lengths[self.positions]
+        return self._lengths
+
+    def __getitem__(self, i):  # int -> Example; slice -> list[Example]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self._example(int(self.positions[i]) if self.positions is not None else i)
+
+    def _example(self, p: int) -> Example:
+        a = self.arrays
+        lo, hi = int(a.offsets[p]), int(a.offsets[p + 1])
+        weights = None
+        if a.weighted is not None and a.weighted[p]:
+            weights = a.weights[lo:hi].tolist()
+        return Example(
+            input_ids=a.input_ids[lo:hi].tolist(),
+            targets=a.targets[lo:hi].tolist(),
+            index=int(a.records[p]),
+            weights=weights,
+        )
+
+    def subset(self, positions: np.ndarray) -> Examples:
+        """The examples at `positions` (indices into this sequence), in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.positions is not None:
+            positions = self.positions[positions]
+        return Examples(self.arrays, positions)
+
+    def by_record(self) -> ByRecord:
+        """These examples looked up by record index (see `ByRecord`)."""
+        if self.positions is not None:
+            raise ValueError("by_record() needs every example of the cache, not a subset")
+        return ByRecord(self, int(self.arrays.meta["records"]))
+
+
+class ByRecord:
+    """Examples by record index: `[r]` is record r's example, or None when it has none (split
+    off, or no assistant token within max_length), and `len` the number of records (as a list
+    over records: what the teacher cache's shards slice); `get`, `in` and iteration (the record
+    indices that have an example) as for a dict keyed by record index (the cross-tokenizer
+    teacher's view)."""
+
+    def __init__(self, examples: Examples, records: int) -> None:
+        self.examples = examples
+        self.records = records
+
+    def __len__(self) -> int:
+        return self.records
+
+    def _position(self, record: int) -> int | None:
+        keys = self.examples.arrays.records
+        p = int(np.searchsorted(keys, record))
+        return p if p < len(keys) and int(keys[p]) == record else None
+
+    def __getitem__(self, r):  # int -> Example | None; slice -> list
+        if isinstance(r, slice):
+            return [self[j] for j in range(*r.indices(len(self)))]
+        p = self._position(int(r))
+        return None if p is None else self.examples[p]
+
+    def get(self, record: int, default: Any = None) -> Example | None:
+        example = self[record]
+        return default if example is None else example
+
+    def __contains__(self, record: object) -> bool:
+        return isinstance(record, int) and self._position(record) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        """The record indices that have an example (as a dict's keys)."""
+        for lo in range(0, len(self.examples), _CHUNK):
+            yield from self.examples.arrays.records[lo : lo + _CHUNK].tolist()
+
+
 @dataclass
 class SftData:
-    """The examples of one data file, and what was left out."""
+    """The examples of one data source, and what was left out."""
 
-    examples: list[Example]
-    records: int  # non-blank lines read
+    examples: Examples
+    records: int  # records read
     skipped: int  # records whose assistant tokens were all cut by max_length
     filtered: int  # records left out by the split filter
 
@@ -350,43 +460,66 @@ def load_examples(
     split: str | None = None,
     span_weights: SpanWeights | None = None,
     fields: FieldMap | None = None,
+    require: bool = True,
 ) -> SftData:
     """Every record of a data source (a JSONL, Parquet or CSV file, a saved dataset, a Hub
     dataset: `lmdistill.data.records`) as an `Example` (see `conversation` for the shapes).
 
+    Tokenized once, as a stream, into the token cache (`lmdistill.data.tokens`): a later call
+    with the same tokenizer, data and settings reads the cache and tokenizes nothing, and memory
+    does not grow with the data either way.
+
     split: keep only records whose `split` field equals it (the bundled prompt set marks held-out
     prompts with split="test"; those must never be trained on).
     span_weights: weigh the loss of reasoning and final-answer tokens (records' `answer_start`).
-    fields: where the prompt, response or messages are in records of another shape."""
+    fields: where the prompt, response or messages are in records of another shape.
+    require: raise a UserError when no record gives an example."""
     if max_length < 2:
         raise UserError(f"max_length must be >= 2, got {max_length}")
-    examples, skipped, filtered, index = [], 0, 0, -1
-    for index, (line, record) in enumerate(iter_records(path, fields)):
-        if split is not None and record.get("split") != split:
-            filtered += 1
-            continue
-        messages = conversation(record, path, line)
-        answer_start = record_answer_start(record, messages, path, line) if span_weights else None
-        try:
-            example = encode(
-                tokenizer,
-                messages,
-                max_length=max_length,
-                index=index,
-                span_weights=span_weights,
-                answer_start=answer_start,
+    settings = {
+        "tokenizer": tokenization_fingerprint(tokenizer),
+        "source": source_digest(path, fields),
+        "max_length": max_length,
+        "split": split,
+        "span_weights": None if span_weights is None else asdict(span_weights),
+    }
+
+    def build(writer: TokenWriter) -> dict[str, Any]:
+        skipped, filtered, index = 0, 0, -1
+        for index, (line, record) in enumerate(iter_records(path, fields)):
+            if split is not None and record.get("split") != split:
+                filtered += 1
+                continue
+            messages = conversation(record, path, line)
+            answer_start = (
+                record_answer_start(record, messages, path, line) if span_weights else None
             )
-        except UserError as exc:
-            raise InputError(path, str(exc), line=line) from None
-        if example is None:
-            skipped += 1
-        else:
-            examples.append(example)
-    if not examples:
+            try:
+                example = encode(
+                    tokenizer,
+                    messages,
+                    max_length=max_length,
+                    index=index,
+                    span_weights=span_weights,
+                    answer_start=answer_start,
+                )
+            except UserError as exc:
+                raise InputError(path, str(exc), line=line) from None
+            if example is None:
+                skipped += 1
+            else:
+                writer.append(index, example.input_ids, example.targets, example.weights)
+        return {"source": str(path), "records": index + 1, "skipped": skipped, "filtered": filtered}
+
+    arrays = open_or_build(settings, build)
+    meta = arrays.meta
+    data = SftData(Examples(arrays), meta["records"], meta["skipped"], meta["filtered"])
+    if require and not len(data.examples):
         raise UserError(
-            f"{path}: no trainable examples (records: {index + 1}, filtered by split: {filtered}, no assistant tokens within max_length: {skipped})"
+            f"{path}: no trainable examples (records: {data.records}, filtered by split: "
+            f"{data.filtered}, no assistant tokens within max_length: {data.skipped})"
         )
-    return SftData(examples, records=index + 1, skipped=skipped, filtered=filtered)
+    return data
 
 
 def record_answer_start(
@@ -414,6 +547,88 @@ def record_answer_start(
 # ------------------------------------------------------------------------------------ packing
 Row = list[int]  # indices into a list of examples, laid out one after another
 MicroBatch = list[Row]
+_CHUNK = 1 << 16  # examples converted to Python ints at a time while packing
+
+
+class Plan(Sequence[MicroBatch]):
+    """The micro-batches of one epoch, stored flat (issue 13): the example indices in layout order
+    (4 bytes each), where each row starts, where each micro-batch starts. A plan over a million
+    examples takes ~10 MB instead of ~100 MB of nested lists; `plan[b]` gives micro-batch b as
+    lists of rows, the shape `collate` takes."""
+
+    def __init__(self, layout: np.ndarray, row_bounds: np.ndarray, batch_bounds: np.ndarray):
+        self.layout, self.row_bounds, self.batch_bounds = layout, row_bounds, batch_bounds
+
+    def __len__(self) -> int:
+        return len(self.batch_bounds) - 1
+
+    def __getitem__(self, b):  # int -> MicroBatch; slice -> list[MicroBatch]
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        if not -len(self) <= b < len(self):
+            raise IndexError(b)
+        b %= len(self)
+        rows = self.row_bounds[self.batch_bounds[b] : self.batch_bounds[b + 1] + 1].tolist()
+        return [self.layout[lo:hi].tolist() for lo, hi in itertools.pairwise(rows)]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _pack(
+    lengths: np.ndarray, order: np.ndarray, row_length: int, window: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First fit of the examples in `order` among the last `window` rows still open; (layout:
+    example indices row after row, row bounds (R + 1,), tokens per row (R,))."""
+    free: list[int] = []  # free tokens of each row (a list: its slices iterate fastest)
+    row_of = array("q")  # the row of each example, in `order`
+    first_open = 0
+    for lo in range(0, len(order), _CHUNK):
+        chunk = order[lo : lo + _CHUNK]
+        for i, n in zip(chunk.tolist(), lengths[chunk].tolist(), strict=True):
+            if n > row_length:
+                raise UserError(
+                    f"example {i} has {n} tokens, more than the row length {row_length}"
+                )
+            rows = len(free)
+            start = max(first_open, rows - window, 0)
+            r = rows
+            for k, f in enumerate(free[start:rows]):
+                if f >= n:
+                    r = start + k
+                    break
+            if r == rows:
+                free.append(row_length)
+            free[r] -= n
+            row_of.append(r)
+            while first_open < len(free) and free[first_open] == 0:
+                first_open += 1
+    row_of_np = np.frombuffer(row_of, dtype=np.int64) if row_of else np.zeros(0, np.int64)
+    # Rows in creation order, each row's examples in the order they were placed.
+    layout = order[np.argsort(row_of_np, kind="stable")]
+    row_bounds = np.zeros(len(free) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row_of_np, minlength=len(free)), out=row_bounds[1:])
+    tokens = row_length - np.asarray(free, dtype=np.int64)
+    return layout, row_bounds, tokens
+
+
+def _group(row_tokens: np.ndarray, tokens_per_batch: int) -> np.ndarray:
+    """Micro-batch bounds (B + 1,) over consecutive rows: a micro-batch's padded size (rows x
+    longest row) stays within `tokens_per_batch`."""
+    bounds, count, longest = [0], 0, 0
+    for r, size in enumerate(row_tokens.tolist()):
+        if count and (count + 1) * max(longest, size) > tokens_per_batch:
+            bounds.append(r)
+            count, longest = 0, 0
+        count += 1
+        longest = max(longest, size)
+    if count:
+        bounds.append(len(row_tokens))
+    return np.asarray(bounds, dtype=np.int64)
 
 
 def pack_rows(
@@ -422,25 +637,10 @@ def pack_rows(
     """Place examples (in `order`) into rows of at most `row_length` tokens, first fit among the
     last `window` rows still open. First fit keeps rows ~full without sorting by length (sorting
     would put all long examples in the same batches); the window bounds the search cost."""
-    rows: list[Row] = []
-    free: list[int] = []  # free tokens of each row
-    first_open = 0
-    for i in order:
-        n = lengths[i]
-        if n > row_length:
-            raise UserError(f"example {i} has {n} tokens, more than the row length {row_length}")
-        target = next(
-            (r for r in range(max(first_open, len(rows) - window), len(rows)) if free[r] >= n), None
-        )
-        if target is None:
-            rows.append([])
-            free.append(row_length)
-            target = len(rows) - 1
-        rows[target].append(i)
-        free[target] -= n
-        while first_open < len(rows) and free[first_open] == 0:
-            first_open += 1
-    return rows
+    layout, bounds, _ = _pack(
+        np.asarray(lengths, dtype=np.int64), np.asarray(order, dtype=np.int64), row_length, window
+    )
+    return [layout[lo:hi].tolist() for lo, hi in itertools.pairwise(bounds)]
 
 
 def group_rows(
@@ -448,23 +648,13 @@ def group_rows(
 ) -> list[MicroBatch]:
     """Consecutive rows into micro-batches whose padded size (rows x longest row) stays within
     `tokens_per_batch`."""
-    batches: list[MicroBatch] = []
-    current: MicroBatch = []
-    longest = 0
-    for row in rows:
-        size = sum(lengths[i] for i in row)
-        if current and (len(current) + 1) * max(longest, size) > tokens_per_batch:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(row)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
-    return batches
+    tokens = np.asarray([sum(lengths[i] for i in row) for row in rows], dtype=np.int64)
+    bounds = _group(tokens, tokens_per_batch).tolist()
+    return [list(rows[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
 
 
 def epoch_plan(
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     *,
     seed: int,
     epoch: int,
@@ -472,14 +662,20 @@ def epoch_plan(
     tokens_per_batch: int,
     packing: bool = True,
     shuffle: bool = True,
-) -> list[MicroBatch]:
+) -> Plan:
     """The micro-batches of one epoch, a pure function of its arguments (so a resumed or
-    multi-process run recomputes exactly the same plan, and only a step counter is saved)."""
-    order = list(range(len(lengths)))
+    multi-process run recomputes exactly the same plan, and only a step counter is saved). It
+    reads the examples' lengths only."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.arange(len(lengths))
     if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist()
-    rows = pack_rows(lengths, order, row_length) if packing else [[i] for i in order]
-    return group_rows(rows, lengths, tokens_per_batch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    if packing:
+        layout, row_bounds, tokens = _pack(lengths, order, row_length, window=64)
+    else:
+        layout, row_bounds, tokens = order, np.arange(len(order) + 1), lengths[order]
+    index = np.int32 if len(lengths) < 2**31 else np.int64
+    return Plan(layout.astype(index), row_bounds, _group(tokens, tokens_per_batch))
 
 
 # ---------------------------------------------------------------------------------- collation
@@ -532,16 +728,16 @@ def collate(
     topk: TopkLookup | None = None,
 ) -> Batch:
     """Lay out the rows of `micro_batch` (indices into `examples`) as one `Batch`."""
-    width = max(sum(len(examples[i]) for i in row) for row in micro_batch)
-    shape = (len(micro_batch), width)
+    rows = [[examples[i] for i in row] for row in micro_batch]  # each read once from the cache
+    width = max(sum(len(ex) for ex in row) for row in rows)
+    shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     real = torch.zeros(shape, dtype=torch.bool)
-    for b, row in enumerate(micro_batch):
+    for b, row in enumerate(rows):
         start = 0
-        for i in row:
-            ex = examples[i]
+        for ex in row:
             stop = start + len(ex)
             input_ids[b, start:stop] = torch.tensor(ex.input_ids)
             position_ids[b, start:stop] = torch.arange(len(ex))
@@ -549,24 +745,21 @@ def collate(
             real[b, start:stop] = True
             start = stop
     batch = Batch(input_ids, position_ids, targets, real)
-    batch.weights = _layout_weights(examples, micro_batch, shape)
+    batch.weights = _layout_weights(rows, shape)
     if topk is not None:
-        laid_out = [examples[i] for row in micro_batch for i in row]
+        laid_out = [ex for row in rows for ex in row]
         batch.teacher_ids, batch.teacher_logprobs = _cached_topk(laid_out, targets, topk)
     return batch
 
 
-def _layout_weights(
-    examples: Sequence[Example], micro_batch: MicroBatch, shape: tuple[int, int]
-) -> Tensor | None:
+def _layout_weights(rows: Sequence[Sequence[Example]], shape: tuple[int, int]) -> Tensor | None:
     """(B, T) loss weights laid out like `collate`'s rows, or None when no example has weights."""
-    if all(examples[i].weights is None for row in micro_batch for i in row):
+    if all(ex.weights is None for row in rows for ex in row):
         return None
     weights = torch.ones(shape)
-    for b, row in enumerate(micro_batch):
+    for b, row in enumerate(rows):
         start = 0
-        for i in row:
-            ex = examples[i]
+        for ex in row:
             if ex.weights is not None:
                 weights[b, start : start + len(ex)] = torch.tensor(ex.weights)
             start += len(ex)

@@ -251,8 +251,7 @@ def build_cache(
     Returns what was written."""
     import time
 
-    from lmdistill.data.records import iter_records
-    from lmdistill.data.sft import conversation, encode
+    from lmdistill.data.sft import load_examples
 
     teacher.require(Capability.FULL_LOGITS, "cache-logits (it scores the data's own tokens)")
     model, tokenizer = teacher.model, teacher.tokenizer  # type: ignore[attr-defined]
@@ -273,13 +272,11 @@ def build_cache(
         )
     data_path, out = str(Path(data_path)), Path(out_dir)  # as earlier versions recorded it
     started = time.perf_counter()
-    examples: list[Example | None] = []
-    for index, (line, record) in enumerate(iter_records(data_path, fields)):
-        examples.append(
-            encode(
-                tokenizer, conversation(record, data_path, line), max_length=max_length, index=index
-            )
-        )
+    # Tokenized as training tokenizes it (the same function and token cache), by record index:
+    # examples[r] is record r's example, None when max_length leaves it no target.
+    examples = load_examples(
+        data_path, tokenizer, max_length=max_length, fields=fields, require=False
+    ).examples.by_record()
     settings = _settings(
         tokenizer_fingerprint(tokenizer),
         teacher.name,

@@ -7,7 +7,7 @@ cross-entropy on its own tokens (there is no shared vocabulary for a KL or top-1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class CrossTokenizerTeacher:
 
     aligned_fraction: float | None = None  # share of the student's response positions paired
 
-    def __init__(self, model: nn.Module, tokenizer, examples: dict[int, Example]) -> None:
+    def __init__(self, model: nn.Module, tokenizer, examples: Mapping[int, Example]) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.examples = examples

@@ -45,8 +45,9 @@ from lmdistill.data.records import field_map
 from lmdistill.data.sft import (
     IGNORE_INDEX,
     Batch,
-    Example,
+    Examples,
     MicroBatch,
+    Plan,
     SpanWeights,
     check_packing,
     collate,
@@ -132,7 +133,7 @@ class MicroBatchStream:
 
     def __init__(
         self,
-        lengths: list[int],
+        lengths: np.ndarray,
         *,
         seed: int,
         row_length: int,
@@ -143,10 +144,10 @@ class MicroBatchStream:
         self.settings = dict(
             seed=seed, row_length=row_length, tokens_per_batch=tokens_per_batch, packing=packing
         )
-        self._plans: dict[int, list[MicroBatch]] = {}
+        self._plans: dict[int, Plan] = {}
         self._starts = [0]  # stream index where each planned epoch starts
 
-    def plan(self, epoch: int) -> list[MicroBatch]:
+    def plan(self, epoch: int) -> Plan:
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # bounded memory
             self._plans[epoch] = epoch_plan(self.lengths, epoch=epoch, **self.settings)
@@ -197,7 +198,7 @@ class Trainer:
         if self.cross is not None:
             self.teacher = self.cross
         self.stream = MicroBatchStream(
-            [len(e) for e in self.train_examples],
+            self.train_examples.lengths,
             seed=config.seed,
             row_length=config.data.max_length,
             tokens_per_batch=config.batch.tokens_per_micro_batch,
@@ -317,7 +318,9 @@ class Trainer:
             student = apply_lora(student, LoraSettings(lora.r, lora.alpha, lora.dropout, targets))
         return student.to(self.accelerator.device).train(), tokenizer, student_dir
 
-    def _load_data(self) -> tuple[list[Example], list[Example]]:
+    def _load_data(self) -> tuple[Examples, Examples]:
+        """The training and held-out examples, from the token cache (`data.tokens`): tokenized
+        by the first process to get there, read by the others and by every later run."""
         data = self.config.data
         span_weights = data.span_weights and SpanWeights(**data.span_weights.model_dump())
         fields = field_map(data.fields)
@@ -338,13 +341,15 @@ class Trainer:
         if data.eval_fraction > 0 and len(examples) > 1:
             n_eval = max(1, n_eval)
         order = np.random.default_rng([self.config.seed, 1]).permutation(len(examples))
-        held = set(order[:n_eval].tolist())
-        train = [e for i, e in enumerate(examples) if i not in held]
-        if not train:
+        held = np.sort(order[:n_eval])
+        keep = np.ones(len(examples), dtype=bool)
+        keep[held] = False
+        train = examples.subset(np.flatnonzero(keep))
+        if not len(train):
             raise UserError(
                 f"{data.path}: no examples left for training after holding out {n_eval}"
             )
-        return train, [examples[i] for i in sorted(held)]
+        return train, examples.subset(held)
 
     def _load_cache(self):
         cached = any(
@@ -433,7 +438,7 @@ class Trainer:
         return max(1, int(optim.epochs * len(self.stream.plan(0)) / m))
 
     # ------------------------------------------------------------------------------ batches
-    def _batch(self, examples: list[Example], micro_batch: MicroBatch, cached: bool) -> Batch:
+    def _batch(self, examples: Examples, micro_batch: MicroBatch, cached: bool) -> Batch:
         lookup = self.cache.lookup if (cached and self.cache is not None) else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         batch = collate(examples, micro_batch, pad, lookup).to(self.accelerator.device)
@@ -463,7 +468,7 @@ class Trainer:
 
     def eval_batches(self) -> list[Batch]:
         plan = epoch_plan(
-            [len(e) for e in self.eval_examples],
+            self.eval_examples.lengths,
             seed=0,
             epoch=0,
             row_length=self.config.data.max_length,
