@@ -48,6 +48,11 @@ class Student(_Strict):
     model: str | None = Field(None, description="an HF causal LM dir or Hub name ORG/NAME[@REV]")
     from_teacher: FromTeacher | None = None
     lora: Lora | None = None
+    liger: bool = Field(
+        False,
+        description="swap the student's RMSNorm, RoPE and SwiGLU for Liger-Kernel's Triton "
+        "kernels (CUDA only; the LM head and loss are lmdistill's fused loss either way)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Student:

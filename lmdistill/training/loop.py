@@ -306,6 +306,8 @@ class Trainer:
             student_dir = resolve_model_dir(spec.model)
         student, tokenizer = load_model_dir(student_dir)
         student.config.use_cache = False
+        if spec.liger:
+            _apply_liger(student, self.accelerator.device)
         if self.config.batch.packing:
             check_packing(student)
         if spec.lora is not None:
@@ -669,6 +671,30 @@ class Trainer:
             save_student(student, self.tokenizer, final, state_dict=weights)
         self.accelerator.wait_for_everyone()
         return final
+
+
+def _apply_liger(student: torch.nn.Module, device: torch.device) -> None:
+    """Liger-Kernel's Triton kernels for the student's RMSNorm, RoPE and SwiGLU, patched into this
+    instance only (the teacher keeps its own layers). Its loss kernels stay off: the LM head and
+    the distillation loss are `losses.fused`'s."""
+    if device.type != "cuda":
+        raise UserError(
+            f"student.liger: Liger's kernels need a CUDA device; this run is on {device}"
+        )
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError(
+            "student.liger: the liger-kernel package is not installed (pip install liger-kernel)"
+        ) from None
+    _apply_liger_kernel_to_instance(
+        model=student,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:

@@ -222,3 +222,17 @@ def test_a_lora_run_trains_only_adapters_and_saves_a_merged_model(
         n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])
     }
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+
+
+def test_liger_kernels_for_the_student_are_refused_off_cuda_in_one_line(
+    tmp_path: Path, student_dir: Path, sft_data: Path
+):
+    """Liger's Triton kernels run on CUDA only: on this CPU machine the option is a clear
+    UserError before any step, not a Triton traceback mid-run."""
+    from lmdistill.errors import UserError
+    from lmdistill.training.loop import Trainer
+
+    raw = recipe(tmp_path / "liger", student_dir, sft_data)
+    raw["student"]["liger"] = True
+    with pytest.raises(UserError, match=r"student\.liger: .*CUDA"):
+        Trainer(validate(raw, "liger"))
