@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmdistill.teachers.sampling import top_p_filter
+
 # vLLM treats a temperature below this as greedy: dividing logits by ~1e-40 overflows to inf/nan.
 GREEDY_BELOW = 1e-5
 
@@ -112,12 +114,7 @@ def choose_token(
         kth = scaled.topk(options.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
-    if options.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is
-        # below top_p (so the most likely token always stays).
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= options.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    probs = top_p_filter(probs, options.top_p)
     if options.min_p > 0:
         probs = probs.masked_fill(probs < options.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -621,8 +621,9 @@ class Trainer:
                 record = self.train_step(batches)
                 if self.on_policy is not None:
                     record.update(step_record(batches, self._sum_over_processes))
-                    if record["on_policy"] and self.on_policy.acceptance is not None:
-                        record["proposal_kept"] = self.on_policy.acceptance
+                    kept = self.on_policy.take_acceptance()
+                    if kept is not None:
+                        record["proposal_kept"] = kept
                 self.step += 1
                 record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - started, 1e-9)
                 history.append(record)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lmdistill.data.sft import IGNORE_INDEX, Batch, Example, collate, epoch_plan
+from lmdistill.teachers.sampling import top_p_filter
 from lmdistill.training.config import OnPolicy
 
 # Distinct streams of the seeded generators (steps chosen, sampling seeds).
@@ -60,26 +61,22 @@ def sampled_example(
 
 def _filtered_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """softmax(logits / temperature) restricted to the nucleus `top_p` and renormalised; (B, V)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep a token while the mass before it is below top_p (the most likely one always stays).
-    keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    probs = probs * keep
+    probs = top_p_filter(torch.softmax(logits.float() / temperature, dim=-1), top_p)
     return probs / probs.sum(-1, keepdim=True)
 
 
-def speculative_mixture(student_probs: Tensor, teacher_probs: Tensor, top_k: int) -> Tensor:
+def speculative_mixture(
+    student_probs: Tensor, teacher_probs: Tensor, top_k: int
+) -> tuple[Tensor, Tensor]:
     """The distribution of SKD's proposal-and-vet step as one distribution, (B, V):
     a student sample x ~ q is kept when x is among the teacher's top `top_k` tokens (the set K),
-    else replaced by a teacher sample y ~ t, so p(x) = q(x)·[x in K] + (1 - q(K))·t(x)."""
+    else replaced by a teacher sample y ~ t, so p(x) = q(x)·[x in K] + (1 - q(K))·t(x).
+    Also returns q(K) (B,): the chance that the student's proposal is kept."""
     top = teacher_probs.topk(min(top_k, teacher_probs.size(-1)), dim=-1).indices
     in_k = torch.zeros_like(student_probs, dtype=torch.bool).scatter(-1, top, True)
     kept = student_probs * in_k
-    rejected = 1.0 - kept.sum(-1, keepdim=True)
-    return kept + rejected.clamp(min=0.0) * teacher_probs
+    kept_mass = kept.sum(-1)
+    return kept + (1.0 - kept_mass).clamp(min=0.0)[:, None] * teacher_probs, kept_mass
 
 
 @torch.no_grad()
@@ -95,11 +92,12 @@ def speculative_generate(
     top_p: float,
     stop_ids: set[int],
     pad_id: int,
-) -> tuple[Tensor, float]:
+) -> tuple[Tensor, tuple[float, float]]:
     """Sample up to `max_new_tokens` tokens per left-padded prompt row, the student proposing and
     the teacher vetting each token (`speculative_mixture`); both models keep a KV cache, so each
     new token costs one single-token forward of each. Returns the new tokens (B, <= max_new_tokens;
-    `pad_id` after a row's stop token) and the share of tokens the student's proposal kept."""
+    `pad_id` after a row's stop token), and the expected number of proposals kept over the
+    number of tokens sampled (summed over live rows)."""
     mask = attention_mask.clone()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     student_out = student(
@@ -118,12 +116,11 @@ def speculative_generate(
         vocab = min(student_out.logits.size(-1), teacher_out.logits.size(-1))
         q = _filtered_probs(student_out.logits[:, -1, :vocab], temperature, top_p)
         t = _filtered_probs(teacher_out.logits[:, -1, :vocab], temperature, top_p)
-        p = speculative_mixture(q, t, top_k)
+        p, kept_mass = speculative_mixture(q, t, top_k)
         token = torch.multinomial(p, 1).squeeze(-1)
         # Expected share kept (q(K)), a lower-variance estimate than counting accepted draws.
         live = ~done
-        top = t.topk(min(top_k, vocab), dim=-1).indices
-        kept += float(q.gather(-1, top).sum(-1)[live].sum())
+        kept += float(kept_mass[live].sum())
         offered += float(live.sum())
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -140,7 +137,7 @@ def speculative_generate(
         student_out = student(**step, cache=student_out.cache)
         teacher_out = teacher(**step, cache=teacher_out.cache)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1), kept / max(offered, 1.0)
+    return torch.stack(tokens, dim=1), (kept, offered)
 
 
 class OnPolicySampler:
@@ -161,7 +158,7 @@ class OnPolicySampler:
             raise ValueError("a speculative proposal needs the teacher model")
         self.settings = settings
         self.teacher = teacher if settings.proposal == "speculative" else None
-        self.acceptance: float | None = None  # speculative: share of the last samples' tokens kept
+        self._kept = [0.0, 0.0]  # speculative: proposals kept, tokens sampled (since last read)
         self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
@@ -206,7 +203,7 @@ class OnPolicySampler:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(seed))
                 if self.teacher is not None:  # a speculative proposal
-                    completions, self.acceptance = speculative_generate(
+                    completions, (kept, offered) = speculative_generate(
                         model,
                         self.teacher,
                         ids.to(device),
@@ -218,6 +215,8 @@ class OnPolicySampler:
                         stop_ids=stop_ids,
                         pad_id=self.pad_id,
                     )
+                    self._kept[0] += kept
+                    self._kept[1] += offered
                 else:
                     out = model.generate(
                         input_ids=ids.to(device),
@@ -239,6 +238,15 @@ class OnPolicySampler:
             sampled_example(p, c, stop_ids, max_length, e.index)
             for p, c, e in zip(prompts, completions.tolist(), examples, strict=True)
         ]
+
+    def take_acceptance(self) -> float | None:
+        """Speculative proposals: the share of the student's proposals kept over every sample
+        drawn since the last call (one optimizer step's micro-batches), then reset; else None."""
+        if self.teacher is None or not self._kept[1]:
+            return None
+        share = self._kept[0] / self._kept[1]
+        self._kept = [0.0, 0.0]
+        return share
 
     def _stop_ids(self, model: nn.Module) -> set[int]:
         """End-of-turn tokens: the tokenizer's EOS and the model's generation config's."""

@@ -263,9 +263,10 @@ def test_the_speculative_mixture_is_the_distribution_of_propose_and_vet():
     gen = torch.Generator().manual_seed(0)
     q = torch.softmax(torch.randn(1, 12, generator=gen) * 2, -1)
     t = torch.softmax(torch.randn(1, 12, generator=gen) * 2, -1)
-    p = speculative_mixture(q, t, top_k=4)
+    p, kept_mass = speculative_mixture(q, t, top_k=4)
     torch.testing.assert_close(p.sum(-1), torch.ones(1))
     top = set(t[0].topk(4).indices.tolist())
+    assert float(kept_mass[0]) == pytest.approx(float(q[0, sorted(top)].sum()))
     draws = 200_000
     proposals = torch.multinomial(q[0], draws, replacement=True, generator=gen)
     fallbacks = torch.multinomial(t[0], draws, replacement=True, generator=gen)
@@ -275,10 +276,10 @@ def test_the_speculative_mixture_is_the_distribution_of_propose_and_vet():
     torch.testing.assert_close(empirical, p[0].double(), atol=4e-3, rtol=0)
     # The two ends: a teacher that vets nothing out leaves the student alone; a student whose
     # mass lies wholly outside the teacher's top k is replaced by the teacher.
-    torch.testing.assert_close(speculative_mixture(q, t, top_k=12), q)
+    torch.testing.assert_close(speculative_mixture(q, t, top_k=12)[0], q)
     outside = torch.zeros_like(q)
     outside[0, t[0].argmin()] = 1.0
-    torch.testing.assert_close(speculative_mixture(outside, t, top_k=4), t)
+    torch.testing.assert_close(speculative_mixture(outside, t, top_k=4)[0], t)
 
 
 def test_speculative_generation_reads_each_row_like_a_plain_forward(
@@ -302,7 +303,7 @@ def test_speculative_generation_reads_each_row_like_a_plain_forward(
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
     torch.manual_seed(0)
-    tokens, kept = speculative_generate(
+    tokens, (kept, offered) = speculative_generate(
         student.eval(),
         teacher.eval(),
         ids,
@@ -316,7 +317,7 @@ def test_speculative_generation_reads_each_row_like_a_plain_forward(
     )
     for h in hooks:
         h.remove()
-    assert tokens.shape == (2, 6) and 0.0 <= kept <= 1.0
+    assert tokens.shape == (2, 6) and 0.0 <= kept <= offered == 12
     for name, model in (("student", student), ("teacher", teacher)):
         steps = torch.stack(seen[name], dim=1)  # (rows, steps, vocab)
         for row, prompt in enumerate(prompts):
