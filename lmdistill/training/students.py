@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lmdistill.errors import UserError
 from lmdistill.store.atomic import atomic_dir, crash_point
+from lmdistill.training import pruning
 
 STUDENT_META = "lmdistill_student.json"
 # Architectures whose parameter names the narrowing rules below know (Llama-style blocks: q/k/v/o
@@ -164,12 +165,8 @@ def student_from_teacher(
     config = model.config
     batch = None
     if calibration:
-        from lmdistill.training import pruning
-
         batch = pruning.calibration_batch(tokenizer, calibration, calibration_tokens)
     if selection == "importance" and isinstance(layers, int):
-        from lmdistill.training import pruning
-
         chosen_layers(config.num_hidden_layers, layers)  # the count's range check
         chosen, _ = pruning.prune_layers_by_kl(model, *batch, layers)
     else:
@@ -181,8 +178,6 @@ def student_from_teacher(
     student_config = _student_config(config, chosen, intermediate_size, hidden_size)
     activations = None
     if batch is not None and intermediate_size is not None:
-        from lmdistill.training import pruning
-
         by_layer = pruning.mlp_activation_importance(model, *batch)
         activations = [by_layer[j] for j in chosen]
     state = _select_layers(model.state_dict(), decoder_layers_name(model), chosen)
@@ -209,8 +204,6 @@ def student_from_teacher(
     student.generation_config = model.generation_config
     calibration_kl = None
     if batch is not None:
-        from lmdistill.training import pruning
-
         calibration_kl = pruning.student_kl(model, student, *batch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
