@@ -12,11 +12,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmdistill.errors import UserError
 from lmdistill.eval.results import ModelTaskResult
 from lmdistill.teachers.base import SamplingParams, Teacher
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Chen et al. 2021 (HumanEval) sample at T=0.2 for pass@1 and T=0.8 for pass@10/100, with
 # nucleus top_p=0.95. Several samples are drawn to estimate pass@k for k > 1, so the higher one.
@@ -92,14 +95,41 @@ class EvalSettings:
         return fields
 
 
+class ScoreMemo:
+    """Tensors a task computed from the teacher, kept for the next model the task scores (each
+    student is scored against the same teacher log-probs), up to `budget_bytes` in all: once
+    full it keeps what it holds and stores nothing more, so a set too big for it still reuses
+    its first part (an LRU would evict each entry just before its reuse)."""
+
+    def __init__(self, budget_bytes: int = 2 << 30) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.hits = 0
+        self._items: dict[Any, list[Tensor]] = {}
+
+    def get(self, key: Any) -> list[Tensor] | None:
+        found = self._items.get(key)
+        if found is not None:
+            self.hits += 1
+        return found
+
+    def put(self, key: Any, tensors: list[Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if key not in self._items and self.used_bytes + size <= self.budget_bytes:
+            self._items[key] = tensors
+            self.used_bytes += size
+
+
 @dataclass
 class TeacherContext:
     """What a teacher-relative task needs besides the model it scores: the teacher model (loaded
-    only when called, so cached results need none) and the teacher's own result on the task."""
+    only when called, so cached results need none), the teacher's own result on the task, and a
+    memo of the teacher's scores shared by the models the task scores after it."""
 
     load: Callable[[], Teacher]
     result: ModelTaskResult
     fingerprint: str
+    memo: ScoreMemo | None = None
 
 
 class Evaluator(ABC):

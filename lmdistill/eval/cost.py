@@ -32,6 +32,11 @@ load during one of them flip the verdict: a quickstart evaluated beside other jo
 student 0.56x as fast as the teacher. The 1-minute load average before and after, against the CPU
 count, is stored; `noise(report)` says when the spread or the load make the figures doubtful.
 
+Models of one shape (the same config.json, dtype included, but for names and versions: a student
+before and after training, or trained two ways) cost the same to run, since each decodes the same
+token count: the evaluation times one of them and the others carry its figures (`timed_as`),
+with their own disk size.
+
 API spend: the tokens each model used during the evaluation at the given prices (USD per
 million input / output tokens); the prices are the teacher's when there is one, else the
 evaluated model's.
@@ -92,6 +97,22 @@ def count_parameters(model: Any) -> tuple[int, int]:
         embedding[id(output.weight)] = output.weight.numel()
     in_model = sum(n for key, n in embedding.items() if key in seen)
     return total, total - in_model
+
+
+# config.json keys that name or date a model without changing what it computes.
+_NAME_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version"})
+
+
+def shape_identity(spec: str) -> str | None:
+    """What decides `spec`'s cost (module docstring): its config.json less names and versions,
+    as canonical JSON; None for a model without a local config (an API model)."""
+    from lmdistill.eval.cache import model_dir
+
+    path = model_dir(spec)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    config = json.loads((path / "config.json").read_text())
+    return json.dumps({k: v for k, v in config.items() if k not in _NAME_KEYS}, sort_keys=True)
 
 
 def dir_size(path: Path) -> int:

@@ -353,6 +353,16 @@ def cost_table(results: EvalResults) -> Table | None:
         "teacher; a timed ratio is the median over rounds in which the models ran in turn "
         "[lowest, highest round], flagged when the rounds or the machine's load make it doubtful."
     )
+    shared = [
+        f"{r} as {cost['models'][r]['timed_as']}"
+        for r in roles
+        if cost["models"][r].get("timed_as")
+    ]
+    if shared:
+        note += (
+            f" Timed once per model shape (the same config and dtype decode the same tokens at "
+            f"the same cost): {', '.join(shared)}."
+        )
     conditions = cost.get("conditions", {})
     if conditions.get("rounds"):
         loads = [

@@ -39,8 +39,8 @@ from typing import Any
 from lmdistill import __version__
 from lmdistill.errors import UserError, did_you_mean, say
 from lmdistill.eval import cost as cost_module
-from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
-from lmdistill.eval.cache import ResultCache, cache_key, model_fingerprint
+from lmdistill.eval.base import EvalSettings, Evaluator, ScoreMemo, TeacherContext
+from lmdistill.eval.cache import ResultCache, cache_key, model_dir, model_fingerprint
 from lmdistill.eval.generation import GenerationEval, check_template
 from lmdistill.eval.lm_eval_adapter import LmEvalTask
 from lmdistill.eval.multiple_choice import BUILTIN_PATH, MultipleChoiceEval, split_format
@@ -217,6 +217,7 @@ def evaluate(
     cache_dir: str | Path | None = None,
     measure_cost: bool = True,
     cost_tokens: int = cost_module.DEFAULT_NEW_TOKENS,
+    cost_rounds: int = cost_module.DEFAULT_ROUNDS,
     run_dir: str | Path | None = None,
     log: Log | None = say,
 ) -> EvalResults:
@@ -228,7 +229,8 @@ def evaluate(
     baseline, each with its retention against the teacher.
 
     cache_dir: where results are cached (None: no cache). measure_cost: time each local model
-    in a subprocess (`cost.py`). prices: USD per million tokens, applied to the teacher's
+    in a subprocess (`cost.py`), `cost_rounds` interleaved rounds of `cost_tokens` tokens.
+    prices: USD per million tokens, applied to the teacher's
     evaluation tokens (to the model's when there is no teacher). run_dir: a training run whose
     metrics.jsonl the report plots. log: progress lines (None: silent).
     """
@@ -273,7 +275,9 @@ def evaluate(
         task_results = [_run_task(e, slots, settings, cache, say) for e in evaluators]
         cost = None
         if measure_cost:
-            cost = _cost(slots, task_results, settings, prices, cache, cost_tokens, say)
+            cost = _cost(
+                slots, task_results, settings, prices, cache, cost_tokens, cost_rounds, say
+            )
     finally:
         for slot in slots.values():
             slot.close()
@@ -320,12 +324,13 @@ def _run_task(
         say(f"{evaluator.name}: {reason}")
         return task
     say(f"{evaluator.name}:")
+    memo = ScoreMemo()  # the teacher's scores, computed for the first student, kept for the rest
     for role, slot in slots.items():  # the teacher first: teacher-relative tasks need its result
         context = None
         if evaluator.needs_teacher and role != "teacher":
             teacher_slot = slots["teacher"]
             context = TeacherContext(
-                teacher_slot.get, task.results["teacher"], teacher_slot.fingerprint
+                teacher_slot.get, task.results["teacher"], teacher_slot.fingerprint, memo
             )
         key = cache_key(
             {
@@ -362,6 +367,7 @@ def _cost(
     prices: Prices | None,
     cache: ResultCache | None,
     new_tokens: int,
+    rounds: int,
     say: Log,
 ) -> dict[str, Any]:
     """The report's cost section: the local models timed together, interleaved (or that
@@ -375,6 +381,18 @@ def _cost(
         for role, slot in slots.items()
         if not is_api_spec(slot.spec) and slot.same_as is None
     }
+    # One model of each shape is timed; the others of its shape carry its figures.
+    timed_as: dict[str, str] = {}
+    first_of_shape: dict[str, str] = {}
+    for role, spec in list(local.items()):
+        shape = cost_module.shape_identity(spec)
+        if shape is None:
+            continue
+        if shape in first_of_shape:
+            timed_as[role] = first_of_shape[shape]
+            del local[role]
+        else:
+            first_of_shape[shape] = role
     conditions = None
     if local:
         # One key for the set: the ratios come from rounds of these models timed side by side.
@@ -383,7 +401,7 @@ def _cost(
                 "cost": {role: slots[role].fingerprint for role in local},
                 "new_tokens": new_tokens,
                 "batch_size": batch_size,
-                "rounds": cost_module.DEFAULT_ROUNDS,
+                "rounds": rounds,
                 "machine": machine,
             }
         )
@@ -393,7 +411,9 @@ def _cost(
                 f"cost: timing {', '.join(local.values())} interleaved "
                 f"({new_tokens} tokens per prompt, a subprocess each)"
             )
-            data = cost_module.measure_models(local, new_tokens=new_tokens, batch_size=batch_size)
+            data = cost_module.measure_models(
+                local, new_tokens=new_tokens, batch_size=batch_size, rounds=rounds
+            )
             data["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             if cache is not None:
                 cache.put_json(key, data)
@@ -402,6 +422,13 @@ def _cost(
     for role, slot in slots.items():
         if is_api_spec(slot.spec):
             measured[role] = {"api": True}
+        elif role in timed_as:
+            path = model_dir(slot.spec)
+            measured[role] = {
+                **measured[timed_as[role]],
+                "timed_as": timed_as[role],
+                "disk_bytes": cost_module.dir_size(path) if path is not None else None,
+            }
         elif slot.same_as is not None:
             measured[role] = measured[slot.same_as.role]
     measured = {role: measured[role] for role in slots}  # the slots' order

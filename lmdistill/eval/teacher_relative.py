@@ -51,7 +51,7 @@ import torch
 
 from lmdistill.data.jsonl import chat_messages, iter_jsonl
 from lmdistill.errors import InputError, UserError
-from lmdistill.eval.base import EvalSettings, Evaluator, TeacherContext
+from lmdistill.eval.base import EvalSettings, Evaluator, ScoreMemo, TeacherContext
 from lmdistill.eval.generation import GenerationEval, generate_responses
 from lmdistill.eval.likelihood import (
     DEFAULT_TOKEN_BUDGET,
@@ -195,10 +195,13 @@ def token_stats(
     *,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
     compare: bool = True,
+    memo: ScoreMemo | None = None,
 ) -> tuple[list[TokenStats], bool]:
     """Per response, the sums behind kl, top1_agreement and perplexity (see the module
     docstring), and whether KL and agreement were computed (a shared vocabulary; never with
-    compare=False, when there is no teacher distribution to compare with)."""
+    compare=False, when there is no teacher distribution to compare with). `memo` keeps the
+    teacher's log-probs of each batch for the next student (keyed by the batch's tokens, so a
+    hit is the same forward pass)."""
     shared = compare and same_vocabulary(teacher, student)
     teacher_ctx = [teacher.encode_chat(p) for p in prompts]
     student_ctx = teacher_ctx if student is teacher else [student.encode_chat(p) for p in prompts]
@@ -222,9 +225,14 @@ def token_stats(
             student, [student_ctx[i] for i in batch], [student_resp[i] for i in batch]
         )
         if shared and student is not teacher:
-            t_lp = continuation_log_probs(
-                teacher, [teacher_ctx[i] for i in batch], [teacher_resp[i] for i in batch]
-            )
+            contexts = [teacher_ctx[i] for i in batch]
+            continuations = [teacher_resp[i] for i in batch]
+            key = tuple((tuple(c), tuple(r)) for c, r in zip(contexts, continuations, strict=True))
+            t_lp = memo.get(key) if memo is not None else None
+            if t_lp is None:
+                t_lp = continuation_log_probs(teacher, contexts, continuations)
+                if memo is not None:
+                    memo.put(key, t_lp)
         else:
             t_lp = s_lp  # the teacher scored against itself: one forward pass serves both
         for i, s, t in zip(batch, s_lp, t_lp, strict=True):
@@ -348,6 +356,7 @@ class TeacherRelativeEval(Evaluator):
                 ended,
                 token_budget=self.token_budget,
                 compare=not self.references,
+                memo=teacher.memo if teacher is not None else None,
             )
         rouge = [rouge_l(o, ref).f for o, ref in zip(own_text, references, strict=True)]
         metrics = self._metrics(stats, rouge, shared, settings, scored=scorer is not None)

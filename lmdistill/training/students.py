@@ -481,9 +481,16 @@ def save_student(
     all, replacing an old one (`lmdistill.store.atomic_dir`): later stages and reruns trust it."""
     if hasattr(model, "merge_and_unload"):
         model, state_dict = model.merge_and_unload(), None
-    with atomic_dir(out_dir) as tmp:
-        crash_point("save-student:before-weights")  # the kill -9 tests' moments (issue 19)
-        model.save_pretrained(tmp, state_dict=state_dict)
-        crash_point("save-student:before-tokenizer")
-        tokenizer.save_pretrained(tmp)
+    # Training turns the KV cache off; the saved model is for generation, so it is on again (and
+    # the dir's config is the untrained student's: the cost table times one model per config).
+    training_use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        with atomic_dir(out_dir) as tmp:
+            crash_point("save-student:before-weights")  # the kill -9 tests' moments (issue 19)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            crash_point("save-student:before-tokenizer")
+            tokenizer.save_pretrained(tmp)
+    finally:
+        model.config.use_cache = training_use_cache
     return Path(out_dir)

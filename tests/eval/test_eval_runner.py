@@ -2,13 +2,17 @@
 second run loads no model and generates nothing)."""
 
 import json
+import shutil
 
 import pytest
+from tiny import save_tiny_model_dir
 
 from lmdistill.errors import UserError
 from lmdistill.eval import runner
 from lmdistill.eval.base import EvalSettings
 from lmdistill.eval.cache import dir_fingerprint
+from lmdistill.eval.cost import dir_size
+from lmdistill.eval.report import cost_table
 from lmdistill.eval.runner import evaluate, parse_tasks, retention
 from lmdistill.eval.stats import retention_interval
 from lmdistill.teachers.registry import load_teacher
@@ -100,6 +104,33 @@ def test_second_run_is_answered_from_the_cache(
     third = run(data_files, tiny_model_dir, tiny_student_dir, tmp_path / "cache", limit=2)
     assert counted["loads"] == 2  # other settings: computed again
     assert third.task(data_files[0]).results["student"].metrics["accuracy"].n == 2
+
+
+def test_models_of_one_shape_are_timed_once(data_files, tiny_model_dir, tmp_path, counted):
+    student = save_tiny_model_dir(tmp_path / "student", layers=1, seed=2)  # another shape
+    twin = tmp_path / "twin"  # the student's shape under another name, with an extra file
+    shutil.copytree(student, twin)
+    config = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps({**config, "_name_or_path": "elsewhere"}))
+    (twin / "notes.txt").write_text("x" * 5000)
+    results = evaluate(
+        str(student),
+        data_files[:1],
+        teacher=str(tiny_model_dir),
+        extra={"twin": str(twin)},
+        settings=EvalSettings(max_tokens=4),
+        log=None,
+    )
+    assert counted["measure"] == 2  # the teacher and the student; the twin is not timed
+    models = results.cost["models"]
+    assert models["twin"]["timed_as"] == "student" and "timed_as" not in models["student"]
+    assert models["twin"]["latency_per_token_s"] == models["student"]["latency_per_token_s"]
+    assert models["twin"]["disk_bytes"] == dir_size(twin)  # its own files, measured
+    assert models["twin"]["disk_bytes"] != models["student"]["disk_bytes"]
+    reduction = results.cost["reduction"]
+    assert reduction["twin"]["latency_per_token"] == reduction["student"]["latency_per_token"]
+    table = cost_table(results)
+    assert table is not None and "twin as student" in table.note
 
 
 def test_every_kind_reports_retention(data_files, tiny_model_dir, tiny_student_dir, counted):

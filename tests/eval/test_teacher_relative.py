@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.eval import teacher_relative
-from lmdistill.eval.base import EvalSettings, TeacherContext
+from lmdistill.eval.base import EvalSettings, ScoreMemo, TeacherContext
 from lmdistill.eval.teacher_relative import (
     TeacherRelativeEval,
     kl_per_position,
@@ -81,6 +81,26 @@ def test_two_models_match_plain_formulas(teacher, student):
         assert stat.kl == pytest.approx(kl, rel=1e-4) and kl > 0
         assert stat.nll == pytest.approx(nll, rel=1e-4)
         assert stat.agree == agree
+
+
+def test_the_teachers_scores_are_kept_for_the_next_student(teacher, student, monkeypatch):
+    ended = [True, False, True]
+    plain, _ = token_stats(teacher, student, PROMPTS, RESPONSES, ended, token_budget=64)
+    memo = ScoreMemo()
+    first, _ = token_stats(teacher, student, PROMPTS, RESPONSES, ended, token_budget=64, memo=memo)
+    assert memo.used_bytes > 0 and memo.hits == 0
+    # The second student: the teacher is never run again, and every figure is the same.
+    forwards = []
+    real_logits = teacher.logits
+    monkeypatch.setattr(teacher, "logits", lambda *a: forwards.append(1) or real_logits(*a))
+    second, _ = token_stats(teacher, student, PROMPTS, RESPONSES, ended, token_budget=64, memo=memo)
+    assert forwards == [] and memo.hits > 0
+    assert first == second == plain
+    # A memo with no room stores nothing: the teacher runs for every student.
+    full = ScoreMemo(budget_bytes=0)
+    token_stats(teacher, student, PROMPTS, RESPONSES, ended, token_budget=64, memo=full)
+    token_stats(teacher, student, PROMPTS, RESPONSES, ended, token_budget=64, memo=full)
+    assert full.used_bytes == 0 and full.hits == 0 and len(forwards) > 0
 
 
 def test_task_on_a_jsonl_with_references(tmp_path, teacher, student):

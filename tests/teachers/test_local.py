@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lmdistill.errors import UserError
+from lmdistill.teachers import local
 from lmdistill.teachers.base import Capability, SamplingParams
 from lmdistill.teachers.local import HFTeacher, left_pad, split_at_eos
 
@@ -157,6 +158,24 @@ def test_greedy_matches_step_by_step_reference(teacher: HFTeacher) -> None:
     batched = summary(teacher, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     reference = [reference_summary(teacher, conv, MAX_TOKENS) for conv in CONVERSATIONS]
     assert batched == reference
+
+
+def test_greedy_in_two_passes_matches_one(
+    lively_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answers still going after the first pass are continued from prompt + tokens so far; each
+    # must equal the plain step-by-step decoding, whichever pass it ended in.
+    monkeypatch.setattr(local, "FIRST_PASS_TOKENS", 3)
+    teacher = HFTeacher(lively_model_dir, batch_size=4)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    assert local._two_passes(params)
+    two = summary(teacher, params)
+    first_batches = -(-len(CONVERSATIONS) // 4)
+    assert teacher.generate_calls > first_batches  # a second pass ran
+    assert any(tokens <= 3 for _, _, tokens in two)  # and some answers ended in the first
+    assert two == [reference_summary(teacher, conv, MAX_TOKENS) for conv in CONVERSATIONS]
+    monkeypatch.setattr(local, "FIRST_PASS_TOKENS", MAX_TOKENS)  # one pass only
+    assert not local._two_passes(params) and summary(teacher, params) == two
 
 
 def test_finish_reason_stop_vs_length(teacher: HFTeacher) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,15 @@ def test_bad_layer_lists_are_user_errors(teacher_dir: Path, tmp_path: Path):
         student_from_teacher(teacher_dir, layers=[1, 1], out_dir=tmp_path / "s")
     with pytest.raises(UserError, match="multiple of the 4 attention heads"):
         student_from_teacher(teacher_dir, layers=2, hidden_size=30, out_dir=tmp_path / "s")
+
+
+def test_a_saved_student_generates_with_its_kv_cache(student_dir: Path, tmp_path: Path):
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    model.config.use_cache = False  # as training sets it
+    save_student(model, AutoTokenizer.from_pretrained(student_dir), tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["use_cache"] is True
+    assert model.config.use_cache is False  # the training model is left as it was
 
 
 def test_a_lora_student_saves_merged_as_a_plain_model_dir(student_dir: Path, tmp_path: Path):
