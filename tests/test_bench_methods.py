@@ -27,7 +27,7 @@ def test_every_methods_training_recipe_validates(tmp_path: Path, method: str):
     )
     if method != "sft":  # the same optimizer steps as SFT (opd: its own continuation)
         assert config.optim.steps == (bench.opd_steps if method in ("opd", "skd") else 78)
-    assert (config.on_policy is not None) == (method in ("gkd", "opd", "skd"))
+    assert (config.on_policy is not None) == (method in ("gkd", "opd", "skd", "distillm"))
 
 
 def fake_run(method: str, seed: int, rouge: np.ndarray, agree: np.ndarray) -> dict:

@@ -202,6 +202,22 @@ class OnPolicy(_Strict):
         description="speculative proposal: a student token is kept when it is among "
         "this many of the teacher's most likely next tokens",
     )
+    replay: int = Field(
+        0,
+        ge=0,
+        description="DistiLLM's off-policy replay (Ko et al. 2024, arXiv:2402.03898): a buffer of "
+        "up to this many sampled examples; once it is full, an on-policy step samples fresh (and "
+        "stores what it sampled) with a probability that falls to 0 over the run, and otherwise "
+        "trains on examples drawn from the buffer. 0: every on-policy step samples fresh",
+    )
+    adaptive: bool = Field(
+        False,
+        description="DistiLLM's adaptive schedule: `lambda` is only the starting probability of "
+        "an on-policy step; it rises by 0.1 (to at most 1) at each held-out evaluation whose "
+        "loss is at least `adaptive_margin` above the loss of the last rise (or of step 0). "
+        "Needs eval.every and held-out data",
+    )
+    adaptive_margin: float = Field(0.1, ge=0, description="see `adaptive`")
 
 
 class Optim(_Strict):
@@ -274,6 +290,12 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"on_policy: objectives {kinds}: only logits and hidden can train on student "
                 "samples (for cross-entropy on the data, use the logits objective's alpha < 1)"
+            )
+        held_out = self.data.eval_path is not None or self.data.eval_fraction > 0
+        if self.on_policy.adaptive and not (self.eval.every and held_out):
+            raise ValueError(
+                "on_policy.adaptive: needs eval.every > 0 and held-out data (data.eval_path or "
+                "data.eval_fraction > 0): the schedule follows the held-out loss"
             )
         return self
 
@@ -481,6 +503,8 @@ def describe_plan(config: TrainConfig) -> str:
             f"on-policy on a fraction {op.lambda_:g} of the steps (the student samples up to "
             f"{op.max_new_tokens} tokens per prompt at temperature {op.temperature:g}, "
             f"top_p {op.top_p:g}; the teacher scores them)"
+            + (" rising with the held-out loss (adaptive)" if op.adaptive else "")
+            + (f"; a replay buffer of {op.replay} samples" if op.replay else "")
         )
     parts.append(f"outputs in '{config.run_dir}'. Nothing was loaded or run.")
     return "; ".join(parts)

@@ -219,6 +219,9 @@ class Trainer:
                 packing=config.batch.packing,
             )
         self.total_steps = self._total_steps()
+        if self.on_policy is not None:
+            self.on_policy.total_steps = self.total_steps
+        self._step_kind = "data"  # what the last step_batches call trained on
         module = DistillModule(student, modules, weights)
         self.optimizer = _adamw(module, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -454,13 +457,18 @@ class Trainer:
         m = self.config.batch.micro_batches_per_step
         per_process = m // self.accelerator.num_processes
         first = step * m + self.accelerator.process_index * per_process
-        if self.on_policy is not None and self.on_policy.chosen(step):
+        self._step_kind = "data" if self.on_policy is None else self.on_policy.kind(step)
+        if self.on_policy is not None and self._step_kind != "data":
             student = self.accelerator.unwrap_model(self.module).student
+            replay = self._step_kind == "replay"
             return [
                 batch
                 for i in range(first, first + per_process)
                 for batch in self.on_policy.batches(
-                    student, [self.train_examples[j] for row in self.stream[i] for j in row], i
+                    student,
+                    [self.train_examples[j] for row in self.stream[i] for j in row],
+                    i,
+                    replay=replay,
                 )
             ]
         return [
@@ -572,6 +580,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.run_dir, self.step)
+        if self.on_policy is not None:  # the schedule and this process's replay buffer
+            path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(
+                path / f"on_policy{self.accelerator.process_index}.json", self.on_policy.state()
+            )
         # Tied embeddings are stored once; Accelerate warns "Removed shared tensor" every time.
         with _quiet("accelerate.utils.other"):
             self.accelerator.save_state(str(path))
@@ -596,6 +609,9 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         self.accelerator.load_state(str(path))
         self.step = json.loads((path / TRAINER_STATE).read_text())["step"]
+        state = path / f"on_policy{self.accelerator.process_index}.json"
+        if self.on_policy is not None and state.is_file():
+            self.on_policy.load_state(json.loads(state.read_text()))
 
     def run(self) -> TrainResult:
         """Train to `total_steps`, evaluating and checkpointing on schedule; save final/."""
@@ -609,6 +625,9 @@ class Trainer:
         )
         if self.main and not self.resume:
             log.write({"step": 0, "info": self.info})
+        adaptive = self.on_policy is not None and self.on_policy.settings.adaptive
+        if adaptive and not self.resume and self.eval_examples:
+            self._log_eval(log)  # the adaptive schedule's first reference: the loss at step 0
         every_eval, every_ckpt = self.config.eval.every, self.config.checkpoint.every
         bar = _progress_bar(
             self.total_steps, self.step, enabled=self.main and self.config.log.progress
@@ -621,6 +640,10 @@ class Trainer:
                 record = self.train_step(batches)
                 if self.on_policy is not None:
                     record.update(step_record(batches, self._sum_over_processes))
+                    if self._step_kind == "replay":
+                        record["replayed"] = 1
+                    if self.on_policy.settings.adaptive:
+                        record["on_policy_probability"] = self.on_policy.threshold
                     kept = self.on_policy.take_acceptance()
                     if kept is not None:
                         record["proposal_kept"] = kept
@@ -652,6 +675,8 @@ class Trainer:
     def _log_eval(self, log: MetricsLog) -> dict[str, float]:
         result = self.run_eval()
         log.write({"step": self.step, **{f"eval/{k}": v for k, v in result.items()}})
+        if self.on_policy is not None:  # every process saw the same (reduced) loss
+            self.on_policy.observe(result["ce"])
         return result
 
     def _save_final(self, last_eval: dict[str, float] | None) -> Path:

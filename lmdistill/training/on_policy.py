@@ -18,6 +18,16 @@ into states no good answer passes through (loops, wrong facts), where the teache
 is itself poor guidance; vetted samples stay where the teacher is a good guide while still
 showing the student the prefixes it tends to write.
 
+DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models",
+arXiv:2402.03898) adds two things, both optional here. `replay`: sampled examples go into a
+bounded buffer, and once it is full an on-policy step samples fresh only with a probability that
+falls to 0 over the run, else it trains on examples drawn from the buffer (sampling is the slow
+part). `adaptive`: the probability of an on-policy step starts at `lambda` and rises by 0.1
+whenever the held-out loss has risen by `adaptive_margin` since the last rise (or step 0), so the
+student is trained on its own samples as it starts to drift from the data. Both keep the choice of
+step kind a function of (seed, step) and of state every process shares (the held-out loss) or
+that the checkpoint keeps (the buffer).
+
 A sampled example is the prompt of a data example (its tokens before the first loss target) plus
 the student's tokens up to and including the first end-of-turn token, with targets on the sampled
 tokens; the samples of one micro-batch are packed and collated exactly like the data.
@@ -25,7 +35,9 @@ tokens; the samples of one micro-batch are packed and collated exactly like the 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,8 +47,11 @@ from lmdistill.data.sft import IGNORE_INDEX, Batch, Example, collate, epoch_plan
 from lmdistill.teachers.sampling import top_p_filter
 from lmdistill.training.config import OnPolicy
 
-# Distinct streams of the seeded generators (steps chosen, sampling seeds).
-_STEP_STREAM, _SAMPLE_STREAM = 11, 12
+# Distinct streams of the seeded generators (steps chosen, sampling seeds, replay draws).
+_STEP_STREAM, _SAMPLE_STREAM, _REPLAY_STREAM = 11, 12, 13
+ADAPTIVE_RISE = 0.1  # DistiLLM's increment of the on-policy probability
+
+StepKind = Literal["data", "fresh", "replay"]
 
 
 def prompt_ids(example: Example) -> list[int]:
@@ -153,10 +168,15 @@ class OnPolicySampler:
         tokens_per_batch: int,
         packing: bool,
         teacher: nn.Module | None = None,
+        total_steps: int = 1,
     ) -> None:
         if settings.proposal == "speculative" and teacher is None:
             raise ValueError("a speculative proposal needs the teacher model")
         self.settings = settings
+        self.total_steps = max(total_steps, 1)
+        self.threshold = settings.lambda_  # the on-policy probability (adaptive: it rises)
+        self.reference_loss: float | None = None  # adaptive: the held-out loss of the last rise
+        self.buffer: deque[Example] = deque(maxlen=settings.replay or None)
         self.teacher = teacher if settings.proposal == "speculative" else None
         self._kept = [0.0, 0.0]  # speculative: proposals kept, tokens sampled (since last read)
         self.seed = seed
@@ -166,15 +186,75 @@ class OnPolicySampler:
 
     def chosen(self, step: int) -> bool:
         """Whether optimizer step `step` trains on student samples (the same on every process)."""
+        return self.kind(step) != "data"
+
+    def kind(self, step: int) -> StepKind:
+        """What optimizer step `step` trains on: the data, fresh student samples, or samples
+        replayed from the buffer. A draw in [0, 1) below the on-policy probability makes an
+        on-policy step; with `replay`, it samples fresh while the buffer fills and afterwards when
+        the draw is also below probability x (1 - step / total steps) (DistiLLM's schedule)."""
         draw = np.random.default_rng([self.seed, step, _STEP_STREAM]).random()
-        return bool(draw < self.settings.lambda_)
+        if draw >= self.threshold:
+            return "data"
+        if not self.settings.replay or len(self.buffer) < self.settings.replay:
+            return "fresh"
+        fresh = self.threshold * (1.0 - step / self.total_steps)
+        return "fresh" if draw < fresh else "replay"
+
+    def observe(self, held_out_loss: float) -> bool:
+        """Adaptive schedule: record an evaluation's held-out loss; the on-policy probability
+        rises by 0.1 (to at most 1) when the loss is `adaptive_margin` above the reference (the
+        loss at the last rise, or the first loss seen). Returns whether it rose."""
+        if not self.settings.adaptive:
+            return False
+        if self.reference_loss is None:
+            self.reference_loss = held_out_loss
+            return False
+        if held_out_loss < self.reference_loss + self.settings.adaptive_margin:
+            return False
+        self.threshold = min(1.0, self.threshold + ADAPTIVE_RISE)
+        self.reference_loss = held_out_loss
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the schedule and this process's replay buffer."""
+        return {
+            "threshold": self.threshold,
+            "reference_loss": self.reference_loss,
+            "buffer": [
+                {"input_ids": e.input_ids, "targets": e.targets, "index": e.index}
+                for e in self.buffer
+            ],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.threshold = float(state["threshold"])
+        self.reference_loss = state["reference_loss"]
+        self.buffer.clear()
+        self.buffer.extend(Example(**e) for e in state["buffer"])
 
     def batches(
-        self, model: nn.Module, examples: Sequence[Example], stream_index: int
+        self,
+        model: nn.Module,
+        examples: Sequence[Example],
+        stream_index: int,
+        *,
+        replay: bool = False,
     ) -> list[Batch]:
         """The student's samples for the prompts of `examples` (one micro-batch of data), packed
-        and collated like the data, on the model's device, marked `sampled`."""
-        samples = self.sample(model, examples, stream_index)
+        and collated like the data, on the model's device, marked `sampled`. With `replay`, as
+        many examples drawn from the buffer instead (no sampling); fresh samples join the buffer
+        when it is on."""
+        if replay:
+            draw = np.random.default_rng([self.seed, stream_index, _REPLAY_STREAM])
+            picks = draw.choice(
+                len(self.buffer), size=min(len(examples), len(self.buffer)), replace=False
+            )
+            samples = [self.buffer[int(i)] for i in picks]
+        else:
+            samples = self.sample(model, examples, stream_index)
+            if self.settings.replay:
+                self.buffer.extend(samples)
         plan = epoch_plan([len(e) for e in samples], seed=0, epoch=0, shuffle=False, **self.plan)
         device = next(model.parameters()).device
         batches = [collate(samples, micro_batch, self.pad_id).to(device) for micro_batch in plan]

@@ -12,6 +12,8 @@ import torch
 from conftest import recipe
 
 from lmdistill.data.sft import IGNORE_INDEX
+from lmdistill.errors import RecipeError
+from lmdistill.store.atomic import read_jsonl_tolerant
 from lmdistill.training.config import validate
 from lmdistill.training.evaluate import evaluate
 from lmdistill.training.loop import Trainer, train
@@ -363,3 +365,158 @@ def test_a_speculative_run_vets_a_weak_students_tokens(
     kept = [r["proposal_kept"] for r in run.history]
     assert all(0.0 < k < 0.9 for k in kept), kept
     assert all(math.isfinite(r["loss"]) for r in run.history)
+
+
+# ------------------------------------------ DistiLLM: replayed samples, the adaptive schedule
+def test_a_replay_run_trains_on_earlier_samples_once_its_buffer_is_full(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    cfg = on_policy_config(
+        tmp_path,
+        "replay",
+        student_dir,
+        teacher_dir,
+        sft_data,
+        {"lambda": 1.0, "max_new_tokens": 8, "replay": 4},
+        optim={"lr": 1e-2, "steps": 8, "warmup_steps": 1},
+    )
+    seen = []
+    original = Trainer.train_step
+
+    def keep(self, batches):
+        seen.append((self._step_kind, [s for b in batches for s in sequences(b)]))
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", keep)
+    result = Trainer(cfg).run()
+    kinds = [kind for kind, _ in seen]
+    assert kinds[0] == "fresh" and "replay" in kinds  # filled first, then drawn from
+    assert [r.get("replayed", 0) for r in result.history] == [int(k == "replay") for k in kinds]
+    sampled_so_far: set = set()
+    for kind, samples in seen:
+        as_tuples = {(tuple(i), tuple(t)) for i, t in samples}
+        if kind == "replay":  # every replayed example is one the student sampled earlier
+            assert as_tuples <= sampled_so_far
+        else:
+            sampled_so_far |= as_tuples
+
+
+def test_a_resumed_replay_run_draws_from_the_same_buffer(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    sections = dict(optim={"lr": 1e-2, "steps": 6}, checkpoint={"every": 3, "keep": 1})
+    on_policy = {"lambda": 1.0, "max_new_tokens": 8, "replay": 3}
+    full = train(
+        on_policy_config(
+            tmp_path, "full", student_dir, teacher_dir, sft_data, on_policy, **sections
+        )
+    )
+    assert any(r.get("replayed") for r in full.history[3:])
+    crashed = on_policy_config(
+        tmp_path, "crashed", student_dir, teacher_dir, sft_data, on_policy, **sections
+    )
+    original = Trainer.train_step
+
+    def crash_at_step_4(self, batches):
+        if self.step == 3:
+            raise Crash
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
+    with pytest.raises(Crash):
+        train(crashed)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = train(crashed, resume=True)
+    for key in ("loss", "sampled_length", "replayed"):
+        assert [r.get(key) for r in resumed.history] == [r.get(key) for r in full.history[3:]]
+
+
+def sampler_of(student_dir: Path, total_steps: int, **settings):
+    from transformers import AutoTokenizer
+
+    from lmdistill.training.config import OnPolicy
+    from lmdistill.training.on_policy import OnPolicySampler
+
+    return OnPolicySampler(
+        OnPolicy(**settings),
+        seed=0,
+        tokenizer=AutoTokenizer.from_pretrained(student_dir),
+        row_length=64,
+        tokens_per_batch=256,
+        packing=True,
+        total_steps=total_steps,
+    )
+
+
+def test_with_a_full_buffer_fresh_samples_give_way_to_replayed_ones_over_the_run(
+    student_dir: Path,
+):
+    from lmdistill.data.sft import Example
+
+    sampler = sampler_of(student_dir, 1000, **{"lambda": 0.5, "replay": 2})
+    assert sampler.kind(0) in ("data", "fresh")  # an empty buffer: nothing to replay yet
+    assert "replay" not in {sampler.kind(s) for s in range(1000)}
+    sampler.buffer.extend([Example([1, 2], [2, -100], 0), Example([3, 4], [4, -100], 1)])
+    kinds = [sampler.kind(s) for s in range(1000)]
+    assert 0.4 < sum(k != "data" for k in kinds) / 1000 < 0.6  # lambda: the on-policy share
+
+    def fresh_share(part):
+        on = [k for k in part if k != "data"]
+        return sum(k == "fresh" for k in on) / len(on)
+
+    # fresh with probability 1 - step/total among on-policy steps: ~0.95 early, ~0.05 late
+    assert fresh_share(kinds[:100]) > 0.85 and fresh_share(kinds[-100:]) < 0.15
+
+
+def test_the_adaptive_schedule_rises_only_when_the_held_out_loss_does(student_dir: Path):
+    sampler = sampler_of(
+        student_dir, 100, **{"lambda": 0.0, "adaptive": True, "adaptive_margin": 0.1}
+    )
+    assert not any(sampler.chosen(step) for step in range(100))  # starts at lambda 0
+    rises = [sampler.observe(loss) for loss in (2.0, 1.5, 2.05, 2.15, 2.3, 2.35, 2.38)]
+    # the reference is the first loss (2.0), then the loss at each rise (2.15, then 2.3)
+    assert rises == [False, False, False, True, True, False, False]
+    assert sampler.threshold == pytest.approx(0.2) and sampler.reference_loss == 2.3
+    share = sum(sampler.chosen(step) for step in range(100)) / 100
+    assert 0.1 < share < 0.3
+    for _ in range(20):
+        sampler.observe(sampler.reference_loss + 1)
+    assert sampler.threshold == 1.0
+
+
+def test_an_adaptive_run_turns_on_policy_when_its_held_out_loss_rises(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    cfg = on_policy_config(
+        tmp_path,
+        "adaptive",
+        student_dir,
+        teacher_dir,
+        sft_data,
+        {"lambda": 0.0, "max_new_tokens": 8, "adaptive": True},
+        optim={"lr": 1e-2, "steps": 12, "warmup_steps": 1},
+        eval={"every": 1},
+    )
+    original = Trainer.run_eval
+
+    def worse_each_time(self):  # the real evaluation, its loss made to rise by 1 a step
+        result = original(self)
+        return {**result, "ce": result["ce"] + 1.0 * self.step}
+
+    monkeypatch.setattr(Trainer, "run_eval", worse_each_time)
+    result = Trainer(cfg).run()
+    probability = [r["on_policy_probability"] for r in result.history]
+    # each step logs the probability it was drawn with; the evaluation after it raises it
+    assert probability == pytest.approx([min(0.1 * s, 1.0) for s in range(12)])
+    assert result.history[0]["on_policy"] == 0 and sum(r["on_policy"] for r in result.history) > 3
+    evals = [
+        r for _, r in read_jsonl_tolerant(tmp_path / "adaptive" / "metrics.jsonl") if "eval/ce" in r
+    ]
+    assert evals[0]["step"] == 0  # the schedule's first reference
+
+
+def test_an_adaptive_schedule_without_evaluations_is_refused(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path
+):
+    with pytest.raises(RecipeError, match=r"on_policy.*eval\.every > 0 and held-out data"):
+        on_policy_config(tmp_path, "x", student_dir, teacher_dir, sft_data, {"adaptive": True})
