@@ -60,16 +60,15 @@ class QuickstartSettings:
     eval_tasks: tuple[str, ...] = ("arithmetic_1digit",)
     eval_limit: int = 80  # examples per task (the held-out prompts number 88)
     prompts: Path = PROMPTS  # JSONL with "prompt" and "split" ("train" / "test")
-    # The first N of each everyday file (48 and 39 ship). 32 of each is what the 15-minute budget
-    # on 2 cores can take, estimated, not yet measured: each adds ~1.5 s of teacher time, the
-    # training ones (long answers) ~0.6% each to every training stage, the held-out ones ~3 s
-    # each to the evaluation of four models. recipes/quickstart_large.yaml synthesizes 600.
+    # The first N of each everyday file (48 and 39 ship). 32 of each fits the 15-minute budget on
+    # 2 cores (measured 2026-12-03, fresh clone of 85b2b7b: the job 13 min 9 s, eval 240 s of it,
+    # plus 2 min 7 s of install; see the README). recipes/quickstart_large.yaml synthesizes 600.
     everyday_train: Path = EVERYDAY_TRAIN
     everyday_train_limit: int = 32
     everyday_test: Path = EVERYDAY_TEST
     everyday_test_limit: int = 32
     measure_cost: bool = True
-    cost_rounds: int = 3  # interleaved timing rounds (`lmdistill eval` does 5): 3 fit the budget
+    cost_rounds: int = 2  # interleaved timing rounds (`lmdistill eval` does 5): 2 fit the budget
     progress: bool = True
     seed: int = 0  # training seed of both students (the README's seed table reruns 0, 1, 2)
 
@@ -332,7 +331,9 @@ def quickstart(s: QuickstartSettings = QuickstartSettings()) -> QuickstartResult
             ],
             teacher=s.teacher,
             extra={"sft-only": str(runs["sft"] / "final"), "untrained": str(untrained)},
-            settings=EvalSettings(limit=s.eval_limit, max_tokens=s.max_tokens, batch_size=16),
+            # 32 rows a batch: greedy answers decode in two passes (teachers/local.py), so a
+            # wide batch no longer waits on its longest answer for most of its steps.
+            settings=EvalSettings(limit=s.eval_limit, max_tokens=s.max_tokens, batch_size=32),
             cache_dir=out / "eval-cache",
             measure_cost=s.measure_cost,
             cost_rounds=s.cost_rounds,

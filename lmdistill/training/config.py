@@ -32,9 +32,21 @@ class FromTeacher(_Strict):
     """Build the student from the teacher's layers (see `training.students.student_from_teacher`)."""
 
     teacher: str = Field(description="bundled teacher name, HF model dir or Hub name")
-    layers: int | list[int] = Field(description="teacher layers to keep, or how many (spread)")
+    layers: int | list[int] = Field(
+        description="teacher layers to keep, or how many (chosen by `selection`)"
+    )
     intermediate_size: int | None = None
     hidden_size: int | None = None
+    selection: Literal["spread", "importance"] = Field(
+        "spread",
+        description="with a layer count: 'spread' evenly, or 'importance' (Minitron-style: "
+        "iterative removal of the layers whose loss raises the KL to the teacher least, and MLP "
+        "neurons ranked by activation, on `calibration` conversations of the training data)",
+    )
+    calibration: int = Field(
+        8, ge=1, description="importance: how many of data.path's first examples it reads"
+    )
+    calibration_tokens: int = Field(64, ge=8, description="importance: tokens read of each")
 
 
 class Lora(_Strict):

@@ -303,6 +303,11 @@ class Trainer:
                     out_dir=student_dir,
                     intermediate_size=ft.intermediate_size,
                     hidden_size=ft.hidden_size,
+                    selection=ft.selection,
+                    calibration=(
+                        self._calibration_texts(ft) if ft.selection == "importance" else None
+                    ),
+                    calibration_tokens=ft.calibration_tokens,
                 )
             self.accelerator.wait_for_everyone()
         else:
@@ -322,6 +327,24 @@ class Trainer:
             )
             student = apply_lora(student, LoraSettings(lora.r, lora.alpha, lora.dropout, targets))
         return student.to(self.accelerator.device).train(), tokenizer, student_dir
+
+    def _calibration_texts(self, ft) -> list[str]:
+        """The first `ft.calibration` examples of the training data, tokenized with the teacher's
+        tokenizer (the student's, once built) and decoded back to text with their chat markup:
+        what an importance ranking reads."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(ft.teacher))
+        data = self.config.data
+        examples = load_examples(
+            data.path,
+            tokenizer,
+            max_length=data.max_length,
+            split=data.split,
+            fields=field_map(data.fields),
+        ).examples
+        count = min(ft.calibration, len(examples))
+        return [tokenizer.decode(examples[i].input_ids) for i in range(count)]
 
     def _load_data(self) -> tuple[Examples, Examples]:
         """The training and held-out examples, from the token cache (`data.tokens`): tokenized

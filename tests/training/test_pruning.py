@@ -30,11 +30,11 @@ def test_only_layers_runs_a_subset_and_restores_the_model(teacher):
     model, tokenizer = teacher
     ids, mask = pruning.calibration_batch(tokenizer, TEXTS, 32)
     with torch.no_grad():
-        before = model(input_ids=ids, attention_mask=mask).logits
+        before = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         with pruning.only_layers(model, [0, 3]):
             assert model.config.num_hidden_layers == 2
-            pruned = model(input_ids=ids, attention_mask=mask).logits
-        after = model(input_ids=ids, attention_mask=mask).logits
+            pruned = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        after = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert model.config.num_hidden_layers == 4
     torch.testing.assert_close(after, before)
     assert not torch.allclose(pruned, before)
@@ -113,3 +113,41 @@ def test_importance_selection_without_calibration_text_is_refused(tmp_path, teac
 
     with pytest.raises(UserError, match="calibration"):
         student_from_teacher(teacher_dir, layers=2, out_dir=tmp_path / "x", selection="importance")
+
+
+def test_a_recipe_builds_its_student_by_importance_on_its_own_training_data(
+    tmp_path: Path, teacher_dir: Path, sft_data: Path, teacher
+):
+    from conftest import recipe
+
+    from lmdistill.data.records import field_map
+    from lmdistill.data.sft import load_examples
+    from lmdistill.training.config import validate
+    from lmdistill.training.loop import Trainer
+
+    raw = recipe(tmp_path / "run", teacher_dir, sft_data)
+    raw["student"] = {
+        "from_teacher": {
+            "teacher": str(teacher_dir),
+            "layers": 2,
+            "selection": "importance",
+            "calibration": 6,
+            "calibration_tokens": 32,
+        }
+    }
+    trainer = Trainer(validate(raw, "importance"))
+    meta = json.loads((tmp_path / "run" / "student-init" / STUDENT_META).read_text())
+    # The same choice as ranking on the first 6 conversations of the data, 32 tokens each.
+    _, tokenizer = teacher
+    examples = load_examples(sft_data, tokenizer, max_length=64, fields=field_map(None)).examples
+    texts = [tokenizer.decode(examples[i].input_ids) for i in range(6)]
+    expected = student_from_teacher(
+        teacher_dir,
+        layers=2,
+        out_dir=tmp_path / "direct",
+        selection="importance",
+        calibration=texts,
+        calibration_tokens=32,
+    )
+    assert meta["selection"] == "importance" and meta["layers"] == expected.layers
+    assert len(trainer.accelerator.unwrap_model(trainer.module).student.model.layers) == 2
