@@ -105,3 +105,19 @@ def test_quickstart_refuses_a_student_the_teacher_cannot_give_before_any_stage(
     with pytest.raises(UserError, match=r"--layers: .*needs 1"):
         quickstart(settings)
     assert not out.exists()
+
+
+def test_a_run_that_fails_side_by_side_is_named_with_its_last_line(tmp_path, tiny_model_dir):
+    import pytest
+
+    from lmdistill.errors import UserError
+    from lmdistill.pipelines.quickstart import StageLog, train_config, train_side_by_side
+
+    s = QuickstartSettings(out_dir=tmp_path, teacher=str(tiny_model_dir), progress=False)
+    missing = tmp_path / "no-such-data.jsonl"
+    configs = {"sft": train_config(s, tmp_path / "runs" / "sft", tiny_model_dir, missing, "sft")}
+    log = StageLog()
+    with pytest.raises(UserError, match=r"training sft failed: .*no-such-data\.jsonl"):
+        train_side_by_side(configs, log, progress=False)
+    assert log.rows == [{"stage": "sft", "status": "failed", "seconds": log.rows[0]["seconds"]}]
+    assert (tmp_path / "runs" / "sft.log").is_file()
