@@ -293,7 +293,8 @@ def _follow(
                     seconds = time.perf_counter() - started
                     status = "ran" if process.returncode == 0 else "failed"
                     log.add(name, status, seconds)
-                    say(f"[{name}] {'done' if status == 'ran' else 'FAILED'} in {seconds:.1f}s")
+                    line = f"[{name}] {'done' if status == 'ran' else 'FAILED'} in {seconds:.1f}s"
+                    bar.write(line, file=sys.stderr)  # on its own line, above the bar
     finally:
         bar.close()
 
