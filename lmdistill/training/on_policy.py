@@ -184,13 +184,9 @@ class OnPolicySampler:
         self.eos_id = tokenizer.eos_token_id
         self.plan = dict(row_length=row_length, tokens_per_batch=tokens_per_batch, packing=packing)
 
-    def chosen(self, step: int) -> bool:
-        """Whether optimizer step `step` trains on student samples (the same on every process)."""
-        return self.kind(step) != "data"
-
     def kind(self, step: int) -> StepKind:
-        """What optimizer step `step` trains on: the data, fresh student samples, or samples
-        replayed from the buffer. A draw in [0, 1) below the on-policy probability makes an
+        """What optimizer step `step` trains on (the same on every process): the data, fresh
+        student samples, or samples replayed from the buffer. A draw in [0, 1) below the on-policy probability makes an
         on-policy step; with `replay`, it samples fresh while the buffer fills and afterwards when
         the draw is also below probability x (1 - step / total steps) (DistiLLM's schedule)."""
         draw = np.random.default_rng([self.seed, step, _STEP_STREAM]).random()

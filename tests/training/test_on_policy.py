@@ -128,6 +128,22 @@ class Crash(Exception):
     pass
 
 
+def crash_at_step_4_then_resume(config, monkeypatch):
+    """Train `config`, crash inside its 4th optimizer step, then resume it; the resumed run."""
+    original = Trainer.train_step
+
+    def crash_at_step_4(self, batches):
+        if self.step == 3:
+            raise Crash
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
+    with pytest.raises(Crash):
+        train(config)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    return train(config, resume=True)
+
+
 def test_a_resumed_on_policy_run_samples_and_trains_the_same(
     tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
 ):
@@ -144,18 +160,7 @@ def test_a_resumed_on_policy_run_samples_and_trains_the_same(
     crashed = on_policy_config(
         tmp_path, "crashed", student_dir, teacher_dir, sft_data, on_policy, **sections
     )
-    original = Trainer.train_step
-
-    def crash_at_step_4(self, batches):
-        if self.step == 3:
-            raise Crash
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
-    with pytest.raises(Crash):
-        train(crashed)
-    monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = train(crashed, resume=True)
+    resumed = crash_at_step_4_then_resume(crashed, monkeypatch)
     assert [r["step"] for r in resumed.history] == [3, 4]
     for key in ("loss", "sampled_length"):
         assert [r[key] for r in resumed.history] == [r[key] for r in full.history[2:]]
@@ -415,18 +420,7 @@ def test_a_resumed_replay_run_draws_from_the_same_buffer(
     crashed = on_policy_config(
         tmp_path, "crashed", student_dir, teacher_dir, sft_data, on_policy, **sections
     )
-    original = Trainer.train_step
-
-    def crash_at_step_4(self, batches):
-        if self.step == 3:
-            raise Crash
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_step_4)
-    with pytest.raises(Crash):
-        train(crashed)
-    monkeypatch.setattr(Trainer, "train_step", original)
-    resumed = train(crashed, resume=True)
+    resumed = crash_at_step_4_then_resume(crashed, monkeypatch)
     for key in ("loss", "sampled_length", "replayed"):
         assert [r.get(key) for r in resumed.history] == [r.get(key) for r in full.history[3:]]
 
@@ -472,12 +466,12 @@ def test_the_adaptive_schedule_rises_only_when_the_held_out_loss_does(student_di
     sampler = sampler_of(
         student_dir, 100, **{"lambda": 0.0, "adaptive": True, "adaptive_margin": 0.1}
     )
-    assert not any(sampler.chosen(step) for step in range(100))  # starts at lambda 0
+    assert all(sampler.kind(step) == "data" for step in range(100))  # starts at lambda 0
     rises = [sampler.observe(loss) for loss in (2.0, 1.5, 2.05, 2.15, 2.3, 2.35, 2.38)]
     # the reference is the first loss (2.0), then the loss at each rise (2.15, then 2.3)
     assert rises == [False, False, False, True, True, False, False]
     assert sampler.threshold == pytest.approx(0.2) and sampler.reference_loss == 2.3
-    share = sum(sampler.chosen(step) for step in range(100)) / 100
+    share = sum(sampler.kind(step) != "data" for step in range(100)) / 100
     assert 0.1 < share < 0.3
     for _ in range(20):
         sampler.observe(sampler.reference_loss + 1)
