@@ -1,6 +1,6 @@
 """Which distillation method beats plain fine-tuning? Every method side by side, over seeds.
 
-    .venv/bin/python bench/methods.py                        # sft, fkl, opd; 3 seeds; ~60-90 min
+    .venv/bin/python bench/methods.py                        # sft, fkl, opd; 3 seeds; ~55 min
     .venv/bin/python bench/methods.py --methods all          # every method below (hours on 2 cores)
     .venv/bin/python bench/methods.py --methods sft,fkl --seeds 0,1,2,3,4 --student spread --heal-steps 0
 
