@@ -335,16 +335,21 @@ class Trainer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(ft.teacher))
+        examples = self._training_file(tokenizer)
+        count = min(ft.calibration, len(examples))
+        return [tokenizer.decode(examples[i].input_ids) for i in range(count)]
+
+    def _training_file(self, tokenizer, span_weights: SpanWeights | None = None) -> Examples:
+        """Every example of data.path (its split, its field mapping), tokenized by `tokenizer`."""
         data = self.config.data
-        examples = load_examples(
+        return load_examples(
             data.path,
             tokenizer,
             max_length=data.max_length,
             split=data.split,
+            span_weights=span_weights,
             fields=field_map(data.fields),
         ).examples
-        count = min(ft.calibration, len(examples))
-        return [tokenizer.decode(examples[i].input_ids) for i in range(count)]
 
     def _load_data(self) -> tuple[Examples, Examples]:
         """The training and held-out examples, from the token cache (`data.tokens`): tokenized
@@ -352,14 +357,7 @@ class Trainer:
         data = self.config.data
         span_weights = data.span_weights and SpanWeights(**data.span_weights.model_dump())
         fields = field_map(data.fields)
-        examples = load_examples(
-            data.path,
-            self.tokenizer,
-            max_length=data.max_length,
-            split=data.split,
-            span_weights=span_weights,
-            fields=fields,
-        ).examples
+        examples = self._training_file(self.tokenizer, span_weights)
         if data.eval_path is not None:  # held-out data of the same shape as the training data
             held_out = load_examples(
                 data.eval_path, self.tokenizer, max_length=data.max_length, fields=fields
