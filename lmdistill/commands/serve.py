@@ -51,6 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="model id clients use (default: the bundled name or the model dir's name)",
     )
+    parser.add_argument(
+        "--allow-weight-reload",
+        action="store_true",
+        help='accept POST /reload_weights {"path": FILE.safetensors}: replace the served '
+        "weights (a training run samples its student through this server: `on_policy.server` "
+        "in a recipe). Reads any file the server can: keep the server on loopback or keyed",
+    )
     parser.set_defaults(func=run)
 
 
@@ -65,5 +72,6 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_batch=args.max_batch,
         model_name=args.served_model_name,
+        allow_weight_reload=args.allow_weight_reload,
     )
     return 0

@@ -38,6 +38,7 @@ from lmdistill.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ReloadWeightsRequest,
     TokenizeRequest,
 )
 from lmdistill.serve.responses import (
@@ -62,6 +63,7 @@ def create_app(
     batch_wait_s: float = 0.005,
     default_max_tokens: int = 512,
     continuous: bool = True,
+    allow_weight_reload: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `teacher` as model `model_name` (default: the teacher's name).
 
@@ -69,7 +71,12 @@ def create_app(
     model decodes up to `max_batch` choices at once with continuous batching; `continuous=False`
     (or a teacher that is not a local model) uses the request batcher instead: requests arriving
     within `batch_wait_s` of each other run as one batch, chat only. A chat request without
-    max_tokens gets `default_max_tokens` (at most what the context has left)."""
+    max_tokens gets `default_max_tokens` (at most what the context has left).
+
+    `allow_weight_reload` opens POST /reload_weights {"path": FILE}: the served model's weights
+    are replaced by those of a safetensors file (a trainer sampling its student through this
+    server pushes its current weights so; `on_policy.server` in a recipe). Off by default: it
+    reads any file the server can, so it needs the API key when there is one."""
     teacher.require(Capability.TEXT, "lmdistill serve")
     model_id = model_name or teacher.name
     engine = None
@@ -156,6 +163,15 @@ def create_app(
             return sse(completion_chunks(served, body, prompts, texts, options, meta))
         outputs = await _unless_disconnected(raw, collect(served.engine, prompts, options))
         return completion_body(served, body, outputs, texts, meta)
+
+    @app.post("/reload_weights")
+    async def reload_weights(body: ReloadWeightsRequest) -> dict[str, Any]:
+        if not allow_weight_reload:
+            message = "weight reload is off; start the server with --allow-weight-reload"
+            raise APIError(403, message, code="reload_not_allowed")
+        served = need_local("/reload_weights")
+        tensors = await served.engine.between_steps(lambda: served.load_weights(body.path))
+        return {"status": "ok", "tensors": tensors}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -275,6 +291,9 @@ def _error(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+_KEYED = ("/v1", "/reload_weights")  # the paths that need the API key, when there is one
+
+
 class _KeyCheck:
     """Bearer-key check as plain ASGI middleware (not `@app.middleware`, whose wrapper gets in
     the way of streamed responses and of noticing a client that went away)."""
@@ -283,9 +302,10 @@ class _KeyCheck:
         self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        # Only /v1 needs the key, as in vLLM: clients (lm-eval) probe /tokenizer_info and
-        # /tokenize without one, and those reveal nothing but the tokenizer.
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        # /v1 needs the key, as in vLLM (and /reload_weights, which reads files): clients
+        # (lm-eval) probe /tokenizer_info and /tokenize without one, and those reveal nothing
+        # but the tokenizer.
+        if scope["type"] == "http" and scope["path"].startswith(_KEYED):
             headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             # compare_digest: the time taken must not reveal how much of a guess was right.

@@ -23,9 +23,9 @@ import inspect
 import logging
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,8 @@ class Engine:
         self.decode_steps = 0
         self.most_rows = 0
         self._inbox: collections.deque[_Request] = collections.deque()
+        # Work for the worker thread once no row is decoding (new weights): (fn, loop, future).
+        self._control: collections.deque[tuple[Callable[[], Any], Any, Any]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -177,6 +179,9 @@ class Engine:
             request.send(error)
         while self._inbox:
             self._inbox.popleft().send(error)
+        while self._control:
+            _, loop, future = self._control.popleft()
+            loop.call_soon_threadsafe(_settle, future, None, error)
         self._rows = []
 
     async def generate(
@@ -206,6 +211,17 @@ class Engine:
                 request.cancelled = True
                 self._wake.set()
 
+    async def between_steps(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the worker thread once no row is decoding, and return its result: requests
+        in flight finish first, new ones wait until it is done (the way to swap the weights)."""
+        if self._stopping or self._thread is None:
+            raise ServerShuttingDown("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._control.append((fn, loop, future))
+        self._wake.set()
+        return await future
+
     @property
     def running_rows(self) -> int:
         return len(self._rows)
@@ -216,7 +232,10 @@ class Engine:
         with torch.inference_mode():
             while not self._stopping:
                 try:
-                    admitted = self._admit()
+                    if self._control and not self._rows:
+                        self._run_control()
+                        continue
+                    admitted = [] if self._control else self._admit()
                     if self._rows:
                         self._step()
                     elif not admitted:
@@ -225,6 +244,15 @@ class Engine:
                 except Exception as exc:
                     log.exception("generation failed; failing the requests in flight")
                     self._fail_all(exc)
+
+    def _run_control(self) -> None:
+        fn, loop, future = self._control.popleft()
+        try:
+            result = fn()
+        except Exception as exc:  # the caller gets the error; the engine goes on
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     def _admit(self) -> list[_Request]:
         """Prefill waiting requests that fit in the batch and add their rows."""
@@ -419,6 +447,15 @@ class Engine:
         for request in requests.values():
             request.send(error)
         self._rows, self._cache, self._prefilling = [], None, []
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,37 @@ class ServedModel:
         self.context_length: int | None = engine.context_length
         self.vocab_size = int(teacher.model.config.vocab_size)
 
+    def load_weights(self, path: str) -> int:
+        """Copy the tensors of safetensors file `path` into the served model in place (a
+        trainer pushing its current student, issue #12); every tensor must name a parameter or
+        buffer of the same shape, and every parameter must be given. Returns the tensor count.
+        Runs on the engine's thread between steps (`Engine.between_steps`)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        model = self.teacher.model
+        try:
+            tensors = load_file(path, device=str(model.device))
+        except (OSError, SafetensorError) as exc:
+            raise APIError(400, f"cannot read {path}: {exc}", param="path") from None
+        own = model.state_dict()
+        for name, tensor in tensors.items():
+            if name not in own:
+                raise APIError(400, f"{path}: {name} is not a weight of the model", param="path")
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                message = (
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model's is {tuple(own[name].shape)}"
+                )
+                raise APIError(400, message, param="path")
+        given = {own[n].data_ptr() for n in tensors}  # tied weights share one storage
+        missing = [n for n, p in model.named_parameters() if p.data_ptr() not in given]
+        if missing:
+            raise APIError(400, f"{path}: no tensor for {missing[0]}", param="path")
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+        return len(tensors)
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 

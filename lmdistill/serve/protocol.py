@@ -254,6 +254,15 @@ class TokenizeRequest(BaseModel):
     return_token_strs: bool = False
 
 
+class ReloadWeightsRequest(BaseModel):
+    """lmdistill's /reload_weights (off unless the server allows it): a safetensors file of
+    the served model's weights, on a filesystem the server can read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -25,6 +25,7 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 16,
     model_name: str | None = None,
+    allow_weight_reload: bool = False,
 ) -> None:
     """Load teacher `spec` and serve it until SIGINT/SIGTERM (uvicorn then stops accepting,
     finishes the requests in flight, and returns)."""
@@ -40,7 +41,13 @@ def serve(
     # A local model batches on the GPU/CPU; an API teacher has its own concurrency setting.
     teacher = load_teacher(spec) if is_api_spec(spec) else load_teacher(spec, batch_size=max_batch)
     try:
-        app = create_app(teacher, api_key=api_key, model_name=model_name, max_batch=max_batch)
+        app = create_app(
+            teacher,
+            api_key=api_key,
+            model_name=model_name,
+            max_batch=max_batch,
+            allow_weight_reload=allow_weight_reload,
+        )
         keyed = "a bearer API key required" if api_key else "no API key"
         print(
             f"lmdistill serve: model '{app.state.model_id}' at http://{_url_host(host)}:{port}/v1 "
