@@ -181,6 +181,31 @@ Objective = Annotated[
 OBJECTIVE_KINDS = ("sft", "logits", "hidden", "uld")
 
 
+class PolicyServer(_Strict):
+    """Sample the student through an OpenAI-compatible server instead of in-process generate:
+    `lmdistill serve --model STUDENT_INIT --allow-weight-reload`, or any server that answers
+    /v1/completions with token ids for token-id prompts (`return_token_ids`, vLLM >= 0.10.2)
+    and accepts POST /reload_weights {"path": FILE.safetensors}. Before an on-policy step whose
+    server weights are `sync_every` or more steps old, the trainer's main process writes the
+    student's weights to RUN_DIR/policy/weights.safetensors and asks the server to load them;
+    the server must be able to read that path (the same machine or a shared filesystem)."""
+
+    url: str = Field(description="the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="the served model's id; default: the first listed")
+    api_key_env: str | None = Field(
+        None,
+        description="environment variable holding the server's API key (the key itself never "
+        "goes in a recipe); none: no key",
+    )
+    sync_every: int = Field(
+        1,
+        ge=1,
+        description="on-policy steps a pushed copy of the weights serves before the next push "
+        "(1: every step samples from the current student; more: cheaper, slightly stale)",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="per request")
+
+
 class OnPolicy(_Strict):
     """On-policy distillation (GKD: Agarwal et al. 2024, arXiv:2306.13649). On a fraction `lambda`
     of the steps the student samples responses to the step's prompts and the teacher scores the
@@ -230,6 +255,17 @@ class OnPolicy(_Strict):
         "Needs eval.every and held-out data",
     )
     adaptive_margin: float = Field(0.1, ge=0, description="see `adaptive`")
+    server: PolicyServer | None = Field(
+        None, description="sample through an OpenAI-compatible server (see PolicyServer)"
+    )
+    drop_unfinished: bool = Field(
+        False,
+        description="a sample with no end-of-turn token within `max_new_tokens` (or the row "
+        "length) gets no loss targets (DAPO's overlong filtering, Yu et al. 2025, "
+        "arXiv:2503.14476). A weak student's unfinished samples are mostly loops, and a small "
+        "teacher scoring a loop predicts that it goes on, so training on them teaches looping. "
+        "A step whose samples all are unfinished makes no update",
+    )
 
 
 class Optim(_Strict):
@@ -302,6 +338,17 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"on_policy: objectives {kinds}: only logits and hidden can train on student "
                 "samples (for cross-entropy on the data, use the logits objective's alpha < 1)"
+            )
+        server = self.on_policy.server
+        if server is not None and self.on_policy.proposal == "speculative":
+            raise ValueError(
+                "on_policy.server: a speculative proposal samples with the local teacher "
+                "token by token; sample in-process (drop server) or use proposal 'student'"
+            )
+        if server is not None and self.student.lora is not None:
+            raise ValueError(
+                "on_policy.server: a LoRA student's weights do not load into the served model; "
+                "train the full student or sample in-process"
             )
         held_out = self.data.eval_path is not None or self.data.eval_fraction > 0
         if self.on_policy.adaptive and not (self.eval.every and held_out):
@@ -517,6 +564,7 @@ def describe_plan(config: TrainConfig) -> str:
             f"top_p {op.top_p:g}; the teacher scores them)"
             + (" rising with the held-out loss (adaptive)" if op.adaptive else "")
             + (f"; a replay buffer of {op.replay} samples" if op.replay else "")
+            + (f"; sampled through {op.server.url}" if op.server else "")
         )
     parts.append(f"outputs in '{config.run_dir}'. Nothing was loaded or run.")
     return "; ".join(parts)

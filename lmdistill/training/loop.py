@@ -86,6 +86,7 @@ from lmdistill.training.objectives import (
     default_layer_map,
 )
 from lmdistill.training.on_policy import OnPolicySampler, step_record
+from lmdistill.training.policy_server import PolicyServerClient
 from lmdistill.training.signals import Counts
 from lmdistill.training.students import (
     LoraSettings,
@@ -217,6 +218,11 @@ class Trainer:
                 row_length=config.data.max_length,
                 tokens_per_batch=config.batch.tokens_per_micro_batch,
                 packing=config.batch.packing,
+                server=(
+                    None
+                    if config.on_policy.server is None
+                    else PolicyServerClient(config.on_policy.server, self.run_dir)
+                ),
             )
         self.total_steps = self._total_steps()
         if self.on_policy is not None:
@@ -482,6 +488,12 @@ class Trainer:
         if self.on_policy is not None and self._step_kind != "data":
             student = self.accelerator.unwrap_model(self.module).student
             replay = self._step_kind == "replay"
+            server = self.on_policy.server
+            if not replay and server is not None and server.due(step):
+                if self.main:  # one copy of the weights; every process samples from it
+                    server.push(student)
+                server.synced_step = step
+                self.accelerator.wait_for_everyone()
             return [
                 batch
                 for i in range(first, first + per_process)
@@ -527,6 +539,17 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         """One optimizer step over this process's micro-batches."""
         counts = self._global_counts(batches)
+        if not counts.loss_tokens:  # e.g. on-policy samples that all were dropped unfinished
+            self.scheduler.step()  # the schedule stays a function of the step
+            return {
+                "step": self.step + 1,
+                "loss": 0.0,
+                "skipped": 1,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": 0.0,
+                "tokens": int(counts.tokens),
+                "loss_tokens": 0,
+            }
         parts: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             teacher = self.teacher(batch) if self.teacher is not None else None
@@ -665,9 +688,7 @@ class Trainer:
                         record["replayed"] = 1
                     if self.on_policy.settings.adaptive:
                         record["on_policy_probability"] = self.on_policy.threshold
-                    kept = self.on_policy.take_acceptance()
-                    if kept is not None:
-                        record["proposal_kept"] = kept
+                    record.update(self.on_policy.take_stats())
                 self.step += 1
                 record["tokens_per_s"] = record["tokens"] / max(time.perf_counter() - started, 1e-9)
                 history.append(record)

@@ -28,6 +28,11 @@ student is trained on its own samples as it starts to drift from the data. Both 
 step kind a function of (seed, step) and of state every process shares (the held-out loss) or
 that the checkpoint keeps (the buffer).
 
+`drop_unfinished` keeps the targets only of samples that ended within the token cap (DAPO's
+overlong filtering): at this project's scale the unfinished samples are loops, and the teacher,
+reading a loop, predicts more of it. `server` draws the samples from an OpenAI-compatible server
+holding a copy of the student's weights (`policy_server.py`) instead of in-process `generate`.
+
 A sampled example is the prompt of a data example (its tokens before the first loss target) plus
 the student's tokens up to and including the first end-of-turn token, with targets on the sampled
 tokens; the samples of one micro-batch are packed and collated exactly like the data.
@@ -46,6 +51,7 @@ from torch import Tensor, nn
 from lmdistill.data.sft import IGNORE_INDEX, Batch, Example, collate, epoch_plan
 from lmdistill.teachers.sampling import top_p_filter
 from lmdistill.training.config import OnPolicy
+from lmdistill.training.policy_server import PolicyServerClient
 
 # Distinct streams of the seeded generators (steps chosen, sampling seeds, replay draws).
 _STEP_STREAM, _SAMPLE_STREAM, _REPLAY_STREAM = 11, 12, 13
@@ -62,16 +68,26 @@ def prompt_ids(example: Example) -> list[int]:
 
 
 def sampled_example(
-    prompt: list[int], completion: list[int], stop_ids: set[int], max_length: int, index: int
-) -> Example:
+    prompt: list[int],
+    completion: list[int],
+    stop_ids: set[int],
+    max_length: int,
+    index: int,
+    *,
+    drop_unfinished: bool = False,
+) -> tuple[Example, bool]:
     """prompt + completion cut after its first stop token (and to `max_length` tokens), with
-    targets on the completion's tokens."""
-    end = next((i + 1 for i, t in enumerate(completion) if t in stop_ids), len(completion))
+    targets on the completion's tokens, and whether it finished (its stop token survived the
+    cuts). With `drop_unfinished`, an unfinished sample has no targets."""
+    stop = next((i for i, t in enumerate(completion) if t in stop_ids), None)
+    end = len(completion) if stop is None else stop + 1
     ids = (prompt + completion[:end])[:max_length]
+    finished = stop is not None and len(prompt) + end <= max_length
     targets = [IGNORE_INDEX] * len(ids)
-    for t in range(len(prompt) - 1, len(ids) - 1):
-        targets[t] = ids[t + 1]
-    return Example(input_ids=ids, targets=targets, index=index)
+    if finished or not drop_unfinished:
+        for t in range(len(prompt) - 1, len(ids) - 1):
+            targets[t] = ids[t + 1]
+    return Example(input_ids=ids, targets=targets, index=index), finished
 
 
 def _filtered_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
@@ -169,6 +185,7 @@ class OnPolicySampler:
         packing: bool,
         teacher: nn.Module | None = None,
         total_steps: int = 1,
+        server: PolicyServerClient | None = None,
     ) -> None:
         if settings.proposal == "speculative" and teacher is None:
             raise ValueError("a speculative proposal needs the teacher model")
@@ -178,7 +195,9 @@ class OnPolicySampler:
         self.reference_loss: float | None = None  # adaptive: the held-out loss of the last rise
         self.buffer: deque[Example] = deque(maxlen=settings.replay or None)
         self.teacher = teacher if settings.proposal == "speculative" else None
+        self.server = server  # sample through an OpenAI-compatible server instead of generate
         self._kept = [0.0, 0.0]  # speculative: proposals kept, tokens sampled (since last read)
+        self._finished = [0, 0]  # samples that ended with a stop token, samples (since last read)
         self.seed = seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
@@ -278,7 +297,16 @@ class OnPolicySampler:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(seed))
-                if self.teacher is not None:  # a speculative proposal
+                if self.server is not None:
+                    completions = self.server.sample(
+                        prompts,
+                        max_new_tokens=self.settings.max_new_tokens,
+                        temperature=self.settings.temperature,
+                        top_p=self.settings.top_p,
+                        seed=int(seed),
+                        stop_ids=stop_ids,
+                    )
+                elif self.teacher is not None:  # a speculative proposal
                     completions, (kept, offered) = speculative_generate(
                         model,
                         self.teacher,
@@ -293,6 +321,7 @@ class OnPolicySampler:
                     )
                     self._kept[0] += kept
                     self._kept[1] += offered
+                    completions = completions.tolist()
                 else:
                     out = model.generate(
                         input_ids=ids.to(device),
@@ -306,23 +335,33 @@ class OnPolicySampler:
                         pad_token_id=self.pad_id,
                         use_cache=True,
                     )
-                    completions = out[:, width:]
+                    completions = out[:, width:].tolist()
         finally:
             model.train(was_training)
         max_length = self.plan["row_length"]
-        return [
-            sampled_example(p, c, stop_ids, max_length, e.index)
-            for p, c, e in zip(prompts, completions.tolist(), examples, strict=True)
-        ]
+        drop = self.settings.drop_unfinished
+        samples = []
+        for p, c, e in zip(prompts, completions, examples, strict=True):
+            sample, finished = sampled_example(
+                p, c, stop_ids, max_length, e.index, drop_unfinished=drop
+            )
+            samples.append(sample)
+            self._finished[0] += finished
+            self._finished[1] += 1
+        return samples
 
-    def take_acceptance(self) -> float | None:
-        """Speculative proposals: the share of the student's proposals kept over every sample
-        drawn since the last call (one optimizer step's micro-batches), then reset; else None."""
-        if self.teacher is None or not self._kept[1]:
-            return None
-        share = self._kept[0] / self._kept[1]
-        self._kept = [0.0, 0.0]
-        return share
+    def take_stats(self) -> dict[str, float]:
+        """This process's figures over the samples drawn since the last call (one optimizer
+        step's micro-batches), then reset: `unfinished`, the share of samples with no end-of-turn
+        token, and for speculative proposals `proposal_kept`, the share of the student's
+        proposals kept. Empty after a data or replay step."""
+        stats: dict[str, float] = {}
+        if self._finished[1]:
+            stats["unfinished"] = 1.0 - self._finished[0] / self._finished[1]
+        if self.teacher is not None and self._kept[1]:
+            stats["proposal_kept"] = self._kept[0] / self._kept[1]
+        self._kept, self._finished = [0.0, 0.0], [0, 0]
+        return stats
 
     def _stop_ids(self, model: nn.Module) -> set[int]:
         """End-of-turn tokens: the tokenizer's EOS and the model's generation config's."""

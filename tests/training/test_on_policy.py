@@ -17,6 +17,7 @@ from lmdistill.store.atomic import read_jsonl_tolerant
 from lmdistill.training.config import validate
 from lmdistill.training.evaluate import evaluate
 from lmdistill.training.loop import Trainer, train
+from lmdistill.training.on_policy import prompt_ids, sampled_example
 from lmdistill.training.students import load_model_dir
 
 
@@ -122,6 +123,60 @@ def test_lambda_one_trains_on_the_students_samples_and_the_loss_falls(
         evaluate(trained, held_out, trainer.teacher)["kl"]
         < 0.8 * evaluate(untrained, held_out, trainer.teacher)["kl"]
     )
+
+
+def test_a_sample_is_finished_only_when_its_stop_token_survives_the_cuts():
+    prompt, stop = [5, 6, 7], {2}
+    finished, done = sampled_example(prompt, [9, 2, 4, 4], stop, 16, 0)
+    assert done and finished.input_ids == [5, 6, 7, 9, 2]
+    assert finished.targets == [IGNORE_INDEX, IGNORE_INDEX, 9, 2, IGNORE_INDEX]
+    looping = [9, 9, 9, 9]
+    kept, done = sampled_example(prompt, looping, stop, 16, 0)
+    assert not done and kept.targets[2:6] == [9, 9, 9, 9]  # trained on by default
+    dropped, done = sampled_example(prompt, looping, stop, 16, 0, drop_unfinished=True)
+    assert not done and dropped.input_ids == kept.input_ids
+    assert set(dropped.targets) == {IGNORE_INDEX}
+    # A stop token cut off by the row length does not finish the sample.
+    cut, done = sampled_example(prompt, [9, 2], stop, 4, 0, drop_unfinished=True)
+    assert not done and cut.input_ids == [5, 6, 7, 9] and set(cut.targets) == {IGNORE_INDEX}
+
+
+def test_dropping_unfinished_samples_trains_only_on_the_finished_ones(
+    tmp_path: Path, student_dir: Path, teacher_dir: Path, sft_data: Path, monkeypatch
+):
+    """The teacher as its own student often ends within 6 tokens and sometimes not: finished
+    samples keep their targets, unfinished ones lose them, and `unfinished` counts the latter."""
+    seen = []
+    original = Trainer.train_step
+
+    def keep(self, batches):
+        seen.append(batches)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", keep)
+    on_policy = {"lambda": 1.0, "max_new_tokens": 6, "drop_unfinished": True}
+    cfg = on_policy_config(
+        tmp_path, "drop", teacher_dir, teacher_dir, sft_data, on_policy, optim={"steps": 3}
+    )
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    eos = trainer.tokenizer.eos_token_id
+    prompts = {tuple(prompt_ids(e)) for e in trainer.train_examples}
+    counts = {True: 0, False: 0}
+    for batches, record in zip(seen, result.history, strict=True):
+        finished_here = []
+        for batch in batches:
+            for ids, targets in sequences(batch):
+                cut = max(n for n in range(len(ids)) if tuple(ids[:n]) in prompts)
+                sampled = ids[cut:]
+                finished = sampled[-1] == eos
+                assert [y for y in targets if y != IGNORE_INDEX] == (sampled if finished else [])
+                finished_here.append(finished)
+                counts[finished] += 1
+        share = 1 - sum(finished_here) / len(finished_here)
+        assert record["unfinished"] == pytest.approx(share)
+        assert record.get("skipped", 0) == (share == 1.0)
+    assert counts[True] and counts[False], counts  # both kinds occurred
 
 
 class Crash(Exception):
