@@ -36,6 +36,8 @@ Methods (`--methods`, comma-separated):
   opd_t07   opd with the student sampling at temperature 0.7 instead of 1 (closer to the
             greedy answers it is judged on; a weak student's T = 1 samples wander into states
             where this teacher is poor guidance)
+  opd_finished  opd training only on samples that end within the token cap (DAPO's overlong
+            filtering): the unfinished ones are mostly loops the teacher would continue
   skd       opd with a speculative proposal (SKD, arXiv:2410.11325): the student proposes each
             token and one outside the teacher's top 25 is replaced by the teacher's sample
 
@@ -78,6 +80,7 @@ ALL_METHODS = (
     "gkd",
     "opd",
     "opd_t07",
+    "opd_finished",
     "skd",
 )
 # What fits the default budget (90 minutes on 2 cores): `--methods all` runs every method.
@@ -317,7 +320,7 @@ def method_config(
         raw["objectives"] = [logits("jsd", beta=0.5)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 0.5, "max_new_tokens": b.max_tokens}
-    elif method in ("opd", "opd_t07", "skd"):
+    elif method in ("opd", "opd_t07", "opd_finished", "skd"):
         raw["student"] = {"model": str(b.runs_dir() / "sft" / f"seed{seed}" / "final")}
         raw["objectives"] = [logits("reverse_kl", alpha=1.0)]
         raw["teacher"] = online
@@ -326,6 +329,8 @@ def method_config(
             raw["on_policy"].update(proposal="speculative", teacher_top_k=25)
         if method == "opd_t07":
             raw["on_policy"].update(temperature=0.7)
+        if method == "opd_finished":
+            raw["on_policy"].update(drop_unfinished=True)
         raw["optim"] = {"lr": b.opd_lr, "warmup_steps": 0, "steps": b.opd_steps}
     else:
         raise SystemExit(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
