@@ -38,6 +38,8 @@ Methods (`--methods`, comma-separated):
             where this teacher is poor guidance)
   opd_finished  opd training only on samples that end within the token cap (DAPO's overlong
             filtering): the unfinished ones are mostly loops the teacher would continue
+  opd_mix   opd on half the steps (lambda 0.5); the other half train on the teacher's answers
+            with reverse KL and CE 50/50, which keeps the SFT student's ends of turn anchored
   skd       opd with a speculative proposal (SKD, arXiv:2410.11325): the student proposes each
             token and one outside the teacher's top 25 is replaced by the teacher's sample
 
@@ -81,6 +83,7 @@ ALL_METHODS = (
     "opd",
     "opd_t07",
     "opd_finished",
+    "opd_mix",
     "skd",
 )
 # What fits the default budget (90 minutes on 2 cores): `--methods all` runs every method.
@@ -320,11 +323,12 @@ def method_config(
         raw["objectives"] = [logits("jsd", beta=0.5)]
         raw["teacher"] = online
         raw["on_policy"] = {"lambda": 0.5, "max_new_tokens": b.max_tokens}
-    elif method in ("opd", "opd_t07", "opd_finished", "skd"):
+    elif method in ("opd", "opd_t07", "opd_finished", "opd_mix", "skd"):
         raw["student"] = {"model": str(b.runs_dir() / "sft" / f"seed{seed}" / "final")}
-        raw["objectives"] = [logits("reverse_kl", alpha=1.0)]
+        mix = method == "opd_mix"
+        raw["objectives"] = [logits("reverse_kl", alpha=0.5 if mix else 1.0)]
         raw["teacher"] = online
-        raw["on_policy"] = {"lambda": 1.0, "max_new_tokens": b.max_tokens}
+        raw["on_policy"] = {"lambda": 0.5 if mix else 1.0, "max_new_tokens": b.max_tokens}
         if method == "skd":
             raw["on_policy"].update(proposal="speculative", teacher_top_k=25)
         if method == "opd_t07":

@@ -27,9 +27,12 @@ def test_every_methods_training_recipe_validates(tmp_path: Path, method: str):
     )
     if method != "sft":  # the same optimizer steps as SFT (opd: its own continuation)
         assert config.optim.steps == (bench.opd_steps if method.startswith(("opd", "skd")) else 78)
-    assert (config.on_policy is not None) == (
-        method in ("gkd", "opd", "opd_t07", "skd", "distillm")
-    )
+    on_policy = method in ("gkd", "skd", "distillm") or method.startswith("opd")
+    assert (config.on_policy is not None) == on_policy
+    if method == "opd_finished":
+        assert config.on_policy.drop_unfinished
+    if method == "opd_mix":  # half the steps on the data, with CE beside the reverse KL
+        assert config.on_policy.lambda_ == 0.5 and config.objectives[0].alpha == 0.5
 
 
 def fake_run(method: str, seed: int, rouge: np.ndarray, agree: np.ndarray) -> dict:
